@@ -1,0 +1,78 @@
+"""What runs inside a child, from the moment fork() returns 0 until os._exit().
+
+The child serves exactly one connection.  It first lets go of everything
+that belongs to the parent (listeners, the selector, the wakeup pipe, the
+parent's signal handlers), then runs the handler, closes the connection so the
+peer sees EOF, and leaves with ``os._exit(status)``: it must never return into
+the parent's accept loop, nor run the parent's atexit handlers or finalizers.
+
+Exit status: 0 when the handler returned, 1 when it raised (the traceback is
+logged with the peer), N for ``sys.exit(N)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any, NoReturn
+
+__all__ = ["serve_connection"]
+
+
+def _close_connection(conn: socket.socket) -> None:
+    # shutdown(SHUT_WR) sends FIN even if some other process still holds a
+    # duplicate of the fd (say, a grandchild the handler spawned), so the peer
+    # sees EOF now rather than when the last copy goes away.
+    try:
+        conn.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # already reset or shut down by the peer or the handler
+    conn.close()
+
+
+def serve_connection(
+    fd: int,
+    family: int,
+    peer: Any,
+    parent_fds: Iterable[int],
+    signals: tuple[int, ...],
+    run: Callable[[socket.socket, Any], None],
+    on_error: Callable[[socket.socket, Any], None],
+) -> NoReturn:
+    """Become the child for connection *fd*; never returns.
+
+    *signals* are the parent's handled signals, blocked across fork: they get
+    SIG_DFL back before they are unblocked, so the parent's handlers never
+    run here.
+    """
+    status = 1
+    try:
+        # Parent-only state first, before any user code can trip over it.
+        if signals:
+            signal.set_wakeup_fd(-1)
+            for signum in signals:
+                signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+        for parent_fd in parent_fds:
+            with contextlib.suppress(OSError):
+                os.close(parent_fd)
+        conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+        try:
+            run(conn, peer)
+            status = 0
+        except SystemExit as exc:
+            status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            on_error(conn, peer)
+        finally:
+            _close_connection(conn)
+    finally:
+        # Flush what the handler print()ed: os._exit skips interpreter cleanup.
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status)

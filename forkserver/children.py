@@ -1,0 +1,133 @@
+"""The parent's table of live children, and reaping them.
+
+Reaping is O(exited): ``waitpid(-1, WNOHANG)`` until it reports nothing, each
+answer one dict pop.  The parent never blocks in waitpid.  Normal exits are
+silent; non-zero statuses and deaths by signal are logged with pid, peer and
+how long the child lived.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from .listeners import format_address
+
+__all__ = ["Child", "ChildTable", "describe_status"]
+
+logger = logging.getLogger(__name__)
+
+
+class Child:
+    """One forked child: which connection it serves and since when."""
+
+    __slots__ = ("family", "peer", "pid", "pidfd", "started")
+
+    def __init__(self, pid: int, family: int, peer: Any, started: float) -> None:
+        self.pid = pid
+        self.family = family
+        self.peer = peer
+        self.started = started
+        self.pidfd = -1
+
+    @property
+    def peer_text(self) -> str:
+        return format_address(self.family, self.peer)
+
+
+def describe_status(status: int) -> str:
+    """'exit status 3' or 'killed by SIGKILL' for a raw waitpid status."""
+    code = os.waitstatus_to_exitcode(status)
+    if code >= 0:
+        return f"exit status {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    core = " (core dumped)" if os.WCOREDUMP(status) else ""
+    return f"killed by {name}{core}"
+
+
+class ChildTable:
+    """Children by pid.  Only the parent's loop touches it."""
+
+    def __init__(self) -> None:
+        self._children: dict[int, Child] = {}
+        self.exited_ok = 0
+        self.exited_error = 0
+        self.exited_signal = 0
+
+    def __len__(self) -> int:
+        return len(self._children)
+
+    def __iter__(self) -> Iterator[Child]:
+        return iter(list(self._children.values()))
+
+    def __contains__(self, pid: int) -> bool:
+        return pid in self._children
+
+    def add(self, child: Child) -> None:
+        self._children[child.pid] = child
+
+    def pidfds(self) -> list[int]:
+        return [c.pidfd for c in self._children.values() if c.pidfd >= 0]
+
+    def reap(self) -> list[Child]:
+        """Collect every child that has exited; never blocks."""
+        gone: list[Child] = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            child = self.exited(pid, status)
+            if child is not None:
+                gone.append(child)
+        return gone
+
+    def reap_pid(self, pid: int) -> Child | None:
+        """Collect one known child, if it has exited (pidfd mode)."""
+        try:
+            got, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return self._children.pop(pid, None)
+        return self.exited(pid, status) if got else None
+
+    def exited(self, pid: int, status: int) -> Child | None:
+        """Record that *pid* ended with raw *status*; log it if abnormal."""
+        child = self._children.pop(pid, None)
+        if child is None:
+            # Another library's child: waitpid(-1) has taken its status, which
+            # is all we can do for it; say so rather than lose it silently.
+            logger.debug(
+                "reaped pid %d that forkserver did not start (%s)", pid, describe_status(status)
+            )
+            return None
+        if status == 0:
+            self.exited_ok += 1
+            return child
+        if os.WIFSIGNALED(status):
+            self.exited_signal += 1
+        else:
+            self.exited_error += 1
+        logger.warning(
+            "child %d for %s %s after %.3fs",
+            pid,
+            child.peer_text,
+            describe_status(status),
+            time.monotonic() - child.started,
+        )
+        return child
+
+    def signal_all(self, signum: int) -> None:
+        for pid in list(self._children):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass  # exited, not yet reaped

@@ -1,0 +1,250 @@
+"""Settings: one typed source of truth for TOML, the command line and the README.
+
+Every setting is a field of :class:`Settings` whose metadata holds its help
+text, its allowed range and its command-line flag.  The TOML loader, the CLI's
+overrides and the README's reference table are all generated from those
+fields, so a setting is written down exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ConfigError", "Settings", "load", "reference_table"]
+
+TABLE = "server"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class ConfigError(Exception):
+    """A setting is missing, unknown or out of range; the message says which."""
+
+
+def _setting(
+    default: Any,
+    help: str,
+    *,
+    cli: str | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    meta = {"help": help, "cli": cli, "min": min, "max": max, "choices": choices}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The ``[server]`` table.  Construct with keywords; values are checked."""
+
+    host: tuple[str, ...] = _setting(
+        ("127.0.0.1",),
+        "TCP address(es) to listen on: a string or a list. `::` is dual-stack "
+        '(IPv4 and IPv6), `""` means all IPv4 addresses, `[]` means no TCP listener.',
+        cli="--host",
+    )
+    port: int = _setting(
+        8000,
+        "TCP port for every `host`; 0 picks a free port (logged at start).",
+        cli="--port",
+        min=0,
+        max=65535,
+    )
+    unix: tuple[str, ...] = _setting(
+        (),
+        "Unix-domain socket path(s) to listen on. A stale socket file left by a dead "
+        "server is replaced; one a live server answers on is not.",
+        cli="--unix",
+    )
+    unix_mode: int = _setting(
+        0o666, "File mode of the Unix socket files (write it as 0o660 in TOML).", min=0, max=0o777
+    )
+    backlog: int = _setting(
+        128,
+        "listen() backlog: connections the kernel queues while the parent is busy or at "
+        "`max_children`. Capped by the kernel at net.core.somaxconn (a warning says so).",
+        cli="--backlog",
+        min=1,
+        max=1 << 20,
+    )
+    handler: str = _setting(
+        "",
+        'What serves a connection, as "module:attr": a handler class '
+        "(socketserver-style) or a plain function `handler(conn, addr)`. Imported once, "
+        "in the parent, before the first fork. Required.",
+        cli="--handler",
+    )
+    max_children: int = _setting(
+        1024,
+        "Most children alive at once. At the limit the parent stops accepting and "
+        "new connections wait in the kernel backlog.",
+        cli="--max-children",
+        min=1,
+        max=1 << 20,
+    )
+    graceful_timeout: float = _setting(
+        30.0,
+        "Seconds that running children get to finish after SIGTERM/SIGINT before they "
+        "are sent SIGTERM.",
+        cli="--graceful-timeout",
+        min=0,
+        max=86400,
+    )
+    kill_timeout: float = _setting(
+        5.0,
+        "Seconds between SIGTERM to straggling children at shutdown and SIGKILL.",
+        min=0,
+        max=3600,
+    )
+    log_level: str = _setting("info", "Logging level.", cli="--log-level", choices=LOG_LEVELS)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            object.__setattr__(self, f.name, _check(f, value, f.name))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str) -> Settings:
+        """Build settings from a TOML-like mapping; *source* prefixes every error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown key {TABLE}.{unknown[0]} "
+                f"(known keys: {', '.join(sorted(known))})"
+            )
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    def replace(self, source: str, **changes: Any) -> Settings:
+        """Return a copy with *changes* applied and checked; *source* names them."""
+        try:
+            return dataclasses.replace(self, **changes)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+
+_FIELD_TYPES: dict[str, Any] = typing.get_type_hints(Settings)
+
+
+def _describe(f: dataclasses.Field[Any]) -> str:
+    """What a field expects, in words, for error messages and the README."""
+    kind = _FIELD_TYPES[f.name]
+    lo, hi, choices = f.metadata["min"], f.metadata["max"], f.metadata["choices"]
+    if choices:
+        return "one of " + ", ".join(f'"{c}"' for c in choices)
+    if kind is int:
+        text = "an integer"
+    elif kind is float:
+        text = "a number"
+    elif kind is str:
+        return "a string"
+    elif kind is bool:
+        return "true or false"
+    else:
+        return "a string or a list of strings"
+    if lo is not None and hi is not None:
+        if f.name == "unix_mode":
+            return f"{text} {lo:#o}-{hi:#o}"
+        return f"{text} {lo:g}-{hi:g}"
+    return text
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def _check(f: dataclasses.Field[Any], value: Any, name: str) -> Any:
+    """Validate and normalise one value, or raise ConfigError naming the key."""
+    kind = _FIELD_TYPES[f.name]
+    bad = ConfigError(f"{TABLE}.{name} must be {_describe(f)}, got {_show(value)}")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad
+        value = float(value)
+        if not math.isfinite(value):
+            raise bad
+    elif kind is str:
+        if not isinstance(value, str):
+            raise bad
+        if f.metadata["choices"]:
+            value = value.lower()
+            if value not in f.metadata["choices"]:
+                raise bad
+    elif kind is bool:
+        if not isinstance(value, bool):
+            raise bad
+    elif isinstance(value, str):
+        value = (value,)
+    elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        value = tuple(value)
+    else:
+        raise bad
+    lo, hi = f.metadata["min"], f.metadata["max"]
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise bad
+    return value
+
+
+def load(path: str) -> Settings:
+    """Read a TOML file into :class:`Settings`; every problem is a ConfigError."""
+    try:
+        with open(path, "rb") as fp:
+            document = tomllib.load(fp)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    extra = sorted(set(document) - {TABLE})
+    if extra:
+        raise ConfigError(f"{path}: unknown table or key {extra[0]!r} (expected a [{TABLE}] table)")
+    table = document.get(TABLE, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: {TABLE} must be a table, got {_show(table)}")
+    return Settings.from_mapping(table, path)
+
+
+def cli_flags() -> list[tuple[str, dataclasses.Field[Any]]]:
+    """(flag, field) for every setting that has a command-line override."""
+    return [(f.metadata["cli"], f) for f in dataclasses.fields(Settings) if f.metadata["cli"]]
+
+
+def field_type(f: dataclasses.Field[Any]) -> Any:
+    return _FIELD_TYPES[f.name]
+
+
+def _toml_literal(value: Any, name: str) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(f'"{v}"' for v in value) + "]"
+    if name == "unix_mode":
+        return f"0o{value:o}"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return f"{value!r}"
+
+
+def reference_table() -> str:
+    """The README's config reference, as a Markdown table."""
+    rows = ["| key | default | flag | meaning |", "| --- | --- | --- | --- |"]
+    for f in dataclasses.fields(Settings):
+        default = "(required)" if f.name == "handler" else f"`{_toml_literal(f.default, f.name)}`"
+        flag = f"`{f.metadata['cli']}`" if f.metadata["cli"] else ""
+        rows.append(
+            f"| `{f.name}` | {default} | {flag} | {f.metadata['help']} Expects {_describe(f)}. |"
+        )
+    return "\n".join(rows)

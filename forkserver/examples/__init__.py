@@ -1,0 +1,1 @@
+"""Example services: the echo server and a tiny HTTP/1.0 responder."""

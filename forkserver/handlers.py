@@ -1,0 +1,145 @@
+"""Handlers: what a child runs for its one connection.
+
+A handler is either a class with socketserver's contract, constructed as
+``Handler(request, client_address, server)`` and running ``setup()``,
+``handle()`` and ``finish()`` from its constructor (so every
+``socketserver.BaseRequestHandler`` subclass works unchanged), or a plain
+callable ``handler(conn, addr)``.  In a config file it is named
+``"module:attr"`` and imported once in the parent, before the first fork.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
+from .config import ConfigError
+
+__all__ = ["BaseHandler", "HandlerType", "StreamHandler", "import_handler"]
+
+HandlerType: TypeAlias = Callable[..., Any]
+
+
+class BaseHandler:
+    """socketserver's request-handler contract.
+
+    Override :meth:`handle` (and optionally :meth:`setup` and :meth:`finish`).
+    ``request`` is the connected socket, ``client_address`` the peer's address,
+    ``server`` the :class:`forkserver.Server` that forked this child.
+    """
+
+    def __init__(self, request: Any, client_address: Any, server: Any) -> None:
+        self.request = request
+        self.client_address = client_address
+        self.server = server
+        self.setup()
+        try:
+            self.handle()
+        finally:
+            self.finish()
+
+    def setup(self) -> None:
+        pass
+
+    def handle(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class StreamHandler(BaseHandler):
+    """A handler with buffered ``rfile`` (reads) and ``wfile`` (writes).
+
+    Like socketserver's StreamRequestHandler: ``timeout`` (seconds, or None)
+    bounds every socket operation, ``wbufsize = 0`` writes straight through.
+    """
+
+    rbufsize = -1
+    wbufsize = 0
+    timeout: float | None = None
+    disable_nagle_algorithm = False
+
+    rfile: io.BufferedIOBase
+    wfile: io.BufferedIOBase
+
+    def setup(self) -> None:
+        self.connection = self.request
+        if self.timeout is not None:
+            self.connection.settimeout(self.timeout)
+        if self.disable_nagle_algorithm and self.connection.family != socket.AF_UNIX:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        self.rfile = self.connection.makefile("rb", self.rbufsize)
+        if self.wbufsize == 0:
+            self.wfile = _SocketWriter(self.connection)
+        else:
+            self.wfile = self.connection.makefile("wb", self.wbufsize)
+
+    def finish(self) -> None:
+        if not self.wfile.closed:
+            try:
+                self.wfile.flush()
+            except OSError:
+                pass  # the peer went away; nothing left to deliver to
+        self.wfile.close()
+        self.rfile.close()
+
+
+class _SocketWriter(io.BufferedIOBase):
+    """Unbuffered writer whose write() sends everything (sendall), not a prefix."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self._sock.sendall(data)
+        with memoryview(data) as view:
+            return view.nbytes
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+
+def import_handler(spec: str) -> HandlerType:
+    """Resolve ``"module:attr"`` (attr may be dotted) to a class or callable."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f'server.handler must be "module:attr", got "{spec}"')
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise ConfigError(
+                f'server.handler: no module named {exc.name!r} (from "{spec}"; '
+                f"sys.path[0] is {sys.path[0]!r})"
+            ) from None
+        raise ConfigError(f"server.handler: importing {module_name!r} failed: {exc}") from None
+    except Exception as exc:  # the user's module raised while importing
+        raise ConfigError(
+            f"server.handler: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    target: Any = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ConfigError(
+                f"server.handler: module {module_name!r} has no attribute {attr!r}"
+            ) from None
+    if not callable(target):
+        raise ConfigError(
+            f'server.handler: "{spec}" is a {type(target).__name__}, not a class or function'
+        )
+    return target  # type: ignore[no-any-return]
+
+
+def is_handler_class(handler: HandlerType) -> bool:
+    """Classes get socketserver's (request, client_address, server) call."""
+    return isinstance(handler, type)

@@ -1,0 +1,175 @@
+"""Listening sockets: created and bound in the parent, closed in every child.
+
+TCP listeners take SO_REUSEADDR so a restarted server binds at once even with
+old connections in TIME_WAIT.  ``::`` is dual-stack unless an IPv4 wildcard
+on the same port is configured too.  A Unix socket path left behind by a dead
+server is replaced; a path a live server still answers on is never stolen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+
+__all__ = ["BindError", "Listener", "format_address", "open_listeners", "somaxconn"]
+
+logger = logging.getLogger(__name__)
+
+SOMAXCONN_PATH = "/proc/sys/net/core/somaxconn"
+
+
+class BindError(Exception):
+    """A listener could not be created; the message names the address and reason."""
+
+
+def somaxconn() -> int | None:
+    """The kernel's cap on any listen() backlog, or None where unknown."""
+    try:
+        with open(SOMAXCONN_PATH) as fp:
+            return int(fp.read())
+    except (OSError, ValueError):
+        return None
+
+
+def format_address(family: int, address: object) -> str:
+    """HOST:PORT, [V6]:PORT or unix:PATH, as logged and reported."""
+    if family == socket.AF_UNIX:
+        return f"unix:{address!s}" if address else "unix:(unnamed)"
+    if isinstance(address, tuple):
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+    return str(address)
+
+
+class Listener:
+    """One bound, listening, non-blocking socket."""
+
+    def __init__(self, sock: socket.socket, unix_inode: tuple[int, int] | None = None) -> None:
+        self.sock = sock
+        self.family = sock.family
+        self.address = sock.getsockname()
+        # (st_dev, st_ino) of the socket file we created, so that close() never
+        # unlinks a file that a successor server has since put at the same path.
+        self._unix_inode = unix_inode
+
+    @property
+    def name(self) -> str:
+        return format_address(self.family, self.address)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        """Close the socket; in the parent also remove our Unix socket file."""
+        self.sock.close()
+
+    def close_and_unlink(self) -> None:
+        self.close()
+        if self._unix_inode is None:
+            return
+        path = str(self.address)
+        try:
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) == self._unix_inode:
+                os.unlink(path)
+        except OSError:
+            pass
+        self._unix_inode = None
+
+
+def _bind_tcp(host: str, port: int, backlog: int, dual_stack: bool) -> Listener:
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(
+            host or "0.0.0.0", port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise BindError(f"cannot resolve {shown}: {exc.strerror}") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"cannot listen on {shown}: {exc.strerror}") from None
+    return Listener(sock)
+
+
+def _remove_stale_unix(path: str) -> None:
+    """Unlink *path* if it is a socket no server answers on; refuse otherwise."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise BindError(f"cannot listen on unix:{path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise BindError(f"cannot listen on unix:{path}: file exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        logger.info("removing stale socket file %s", path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    except OSError as exc:
+        if exc.errno == errno.EAGAIN:  # its backlog is full: someone is alive there
+            raise BindError(f"cannot listen on unix:{path}: a live server is using it") from None
+        raise BindError(f"cannot listen on unix:{path}: {exc.strerror}") from None
+    finally:
+        probe.close()
+    raise BindError(f"cannot listen on unix:{path}: a live server is using it")
+
+
+def _bind_unix(path: str, backlog: int, mode: int) -> Listener:
+    _remove_stale_unix(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        st = os.stat(path)
+        os.chmod(path, mode)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"cannot listen on unix:{path}: {exc.strerror}") from None
+    return Listener(sock, unix_inode=(st.st_dev, st.st_ino))
+
+
+def open_listeners(
+    hosts: tuple[str, ...], port: int, unix_paths: tuple[str, ...], backlog: int, unix_mode: int
+) -> list[Listener]:
+    """Bind every configured address, or close what was bound and raise BindError."""
+    cap = somaxconn()
+    if cap is not None and backlog > cap:
+        logger.warning(
+            "backlog %d exceeds net.core.somaxconn=%d: the kernel silently caps it at %d",
+            backlog,
+            cap,
+            cap,
+        )
+    # "::" accepts IPv4 too unless the IPv4 wildcard is also configured, in
+    # which case both would claim 0.0.0.0:PORT and the second bind would fail.
+    v4_wildcard = any(h in ("", "0.0.0.0") for h in hosts)
+    listeners: list[Listener] = []
+    try:
+        for host in hosts:
+            listeners.append(_bind_tcp(host, port, backlog, dual_stack=not v4_wildcard))
+        for path in unix_paths:
+            listeners.append(_bind_unix(path, backlog, unix_mode))
+    except BindError:
+        for listener in listeners:
+            listener.close_and_unlink()
+        raise
+    return listeners

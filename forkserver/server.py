@@ -1,0 +1,502 @@
+"""The parent: bind, accept, fork one child per connection, reap, stop.
+
+One blocking selector watches the listeners and the wakeup pipe; there is no
+polling interval, so an idle parent uses no CPU.  Per connection the parent
+does only accept, fork and close; everything else happens in the child
+(``child.py``).  Signals arrive through the wakeup pipe and are dispatched by
+name (``handle_term``, ``handle_chld``...) from the loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import logging
+import os
+import selectors
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from socket import socket as Socket
+from typing import Any
+
+from .child import serve_connection
+from .children import Child, ChildTable
+from .config import Settings
+from .handlers import HandlerType, import_handler, is_handler_class
+from .listeners import Listener, format_address, open_listeners
+from .wakeup import HANDLED_SIGNALS, Wakeup
+
+__all__ = ["Server"]
+
+logger = logging.getLogger(__name__)
+
+# accept() errors that concern one connection only: skip it, keep accepting.
+_SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+# Out of descriptors or kernel memory: pause accepting briefly, then retry.
+_BACKOFF_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+BACKOFF_SECONDS = 0.1
+LOG_INTERVAL = 10.0  # at most one log line per interval for repeating faults
+
+
+class _Throttle:
+    """Allows one log line per interval and counts what it held back."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last = -interval
+        self.suppressed = 0
+
+    def ready(self) -> bool:
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            return True
+        self.suppressed += 1
+        return False
+
+    def take_suppressed(self) -> int:
+        n, self.suppressed = self.suppressed, 0
+        return n
+
+
+def _settings_for_address(server_address: Any) -> dict[str, Any]:
+    if isinstance(server_address, str | os.PathLike):
+        return {"host": (), "unix": (os.fspath(server_address),)}
+    host, port = server_address[0], server_address[1]
+    return {"host": (host,), "port": port}
+
+
+class Server:
+    """A forking server; a drop-in for ``socketserver.ForkingTCPServer``.
+
+    ``Server(("127.0.0.1", 0), Handler)`` binds at once (``bind_and_activate``)
+    and serves on ``serve_forever()``.  *server_address* is ``(host, port)`` or a
+    Unix socket path; *options* are :class:`forkserver.config.Settings` fields
+    (``max_children=64``, ``graceful_timeout=5``...).  *handler* is a
+    socketserver-style handler class or a function ``handler(conn, addr)``.
+    """
+
+    def __init__(
+        self,
+        server_address: Any,
+        handler: HandlerType,
+        bind_and_activate: bool = True,
+        **options: Any,
+    ) -> None:
+        settings = Settings(**{**_settings_for_address(server_address), **options})
+        self._setup(settings, handler)
+        if bind_and_activate:
+            self.server_activate()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, handler: HandlerType | None = None) -> Server:
+        """A server for a loaded config; imports ``settings.handler`` if *handler* is None."""
+        self = cls.__new__(cls)
+        self._setup(settings, handler if handler is not None else import_handler(settings.handler))
+        return self
+
+    def _setup(self, settings: Settings, handler: HandlerType) -> None:
+        self.settings = settings
+        self.RequestHandlerClass = handler
+        self._handler_is_class = is_handler_class(handler)
+        self.listeners: list[Listener] = []
+        self.children = ChildTable()
+        self.accepted = 0
+        self.fork_failures = 0
+        self._wakeup: Wakeup | None = None
+        self._selector: selectors.BaseSelector | None = None
+        self._listening = False
+        self._stopping = False
+        self._shutdown_request = False
+        self._serving = False
+        self._is_shut_down = threading.Event()
+        self._is_shut_down.set()
+        self._resume_at: float | None = None
+        self._term_at: float | None = None
+        self._kill_at: float | None = None
+        self._queued: deque[tuple[int, int, Any]] = deque()
+        self._poll_interval: float | None = None
+        self._pidfd_mode = False
+        self._accept_log = _Throttle(LOG_INTERVAL)
+        self._fork_log = _Throttle(LOG_INTERVAL)
+
+    # -- socketserver-compatible surface ---------------------------------
+
+    def server_activate(self) -> None:
+        """Bind and listen on every configured address (raises BindError)."""
+        if not self.listeners:
+            s = self.settings
+            self.listeners = open_listeners(s.host, s.port, s.unix, s.backlog, s.unix_mode)
+
+    @property
+    def server_address(self) -> Any:
+        """The first listener's real bound address (port 0 resolved)."""
+        return self.listeners[0].address if self.listeners else None
+
+    @property
+    def socket(self) -> Socket:
+        return self.listeners[0].sock
+
+    def fileno(self) -> int:
+        return self.listeners[0].fileno()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server_close()
+
+    def finish_request(self, request: Socket, client_address: Any) -> None:
+        """Run the handler for one connection (in the child)."""
+        if self._handler_is_class:
+            self.RequestHandlerClass(request, client_address, self)
+        else:
+            self.RequestHandlerClass(request, client_address)
+
+    def serve_forever(self, poll_interval: float | None = None) -> None:
+        """Serve until SIGTERM/SIGINT/SIGQUIT or shutdown(); returns after the drain.
+
+        *poll_interval* is accepted for socketserver compatibility and ignored:
+        the loop sleeps in select() until there is work.
+        """
+        self.server_activate()
+        self._is_shut_down.clear()
+        try:
+            self._serve()
+        finally:
+            self._is_shut_down.set()
+
+    def shutdown(self) -> None:
+        """Stop serve_forever() gracefully and wait for it; call from another thread."""
+        self._shutdown_request = True
+        if self._wakeup is not None:
+            self._wakeup.wake()
+        self._is_shut_down.wait()
+
+    def server_close(self) -> None:
+        """Close the listeners; stop any children still running.  Idempotent."""
+        for listener in self.listeners:
+            listener.close_and_unlink()
+        if len(self.children) and not self._serving:
+            self._stop_leftover_children()
+
+    # -- the loop ----------------------------------------------------------
+
+    def _serve(self) -> None:
+        self._wakeup = wakeup = Wakeup()
+        self._selector = selector = selectors.DefaultSelector()
+        self._serving = True
+        try:
+            selector.register(wakeup.rfd, selectors.EVENT_READ, None)
+            if not wakeup.install_signals():
+                # Not the main thread: no signal handler can be installed, so
+                # watch each child's pidfd instead of waiting for SIGCHLD.
+                if hasattr(os, "pidfd_open"):
+                    self._pidfd_mode = True
+                else:
+                    self._poll_interval = 0.5
+            self._parent_fds = [
+                wakeup.rfd,
+                wakeup.wfd,
+                selector.fileno(),
+                *(lis.fileno() for lis in self.listeners),
+            ]
+            self._signals_to_reset = tuple(HANDLED_SIGNALS) if wakeup.signals_installed else ()
+            self._resume_listening()
+            # Everything imported so far is shared with every child; keep the
+            # collector from touching (and so copying) those pages after fork.
+            gc.collect()
+            gc.freeze()
+            for listener in self.listeners:
+                logger.info("listening on %s", listener.name)
+            logger.info(
+                "forkserver ready: pid %d, handler %s, max_children %d",
+                os.getpid(),
+                _handler_name(self.RequestHandlerClass),
+                self.settings.max_children,
+            )
+            self._loop(selector, wakeup)
+        finally:
+            self._serving = False
+            if self.children:  # only if the loop died of an exception
+                self._stop_leftover_children()
+            for listener in self.listeners:
+                listener.close_and_unlink()
+            selector.close()
+            wakeup.close()
+            self._wakeup = self._selector = None
+            gc.unfreeze()
+
+    def _loop(self, selector: selectors.BaseSelector, wakeup: Wakeup) -> None:
+        while True:
+            for signum in wakeup.take_signals():
+                getattr(self, "handle_" + signal.Signals(signum).name[3:].lower())()
+            if self._shutdown_request and not self._stopping:
+                self._begin_stop()
+            self._run_timers()
+            if self._stopping and not self.children and not self._queued:
+                logger.info("stopped: all children have exited")
+                return
+            for key, _ in selector.select(self._timeout()):
+                data = key.data
+                if data is None:
+                    wakeup.drain()
+                elif isinstance(data, Listener):
+                    self._accept(data)
+                else:  # a child's pidfd became readable: it has exited
+                    self._reap_pidfd(data)
+            if self._poll_interval is not None:
+                self._after_reap(self.children.reap())
+
+    def _timeout(self) -> float | None:
+        deadlines = [t for t in (self._resume_at, self._term_at, self._kill_at) if t is not None]
+        if not deadlines:
+            return self._poll_interval
+        wait = max(0.0, min(deadlines) - time.monotonic())
+        return wait if self._poll_interval is None else min(wait, self._poll_interval)
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        if self._resume_at is not None and now >= self._resume_at:
+            self._resume_at = None
+            self._resume_listening()
+        if self._term_at is not None and now >= self._term_at:
+            self._term_at = None
+            self._kill_at = now + self.settings.kill_timeout
+            self._drop_queued("graceful_timeout expired")
+            if self.children:
+                logger.warning(
+                    "graceful_timeout (%.1fs) expired: sending SIGTERM to %d children",
+                    self.settings.graceful_timeout,
+                    len(self.children),
+                )
+                self.children.signal_all(signal.SIGTERM)
+        if self._kill_at is not None and now >= self._kill_at:
+            self._kill_at = None
+            if self.children:
+                logger.warning("sending SIGKILL to %d children", len(self.children))
+                self.children.signal_all(signal.SIGKILL)
+
+    # -- accepting and forking ---------------------------------------------
+
+    def _accept(self, listener: Listener) -> None:
+        """Accept every pending connection on *listener*, one child each."""
+        sock = listener.sock
+        limit = self.settings.max_children
+        while len(self.children) < limit:
+            try:
+                fd, peer = sock._accept()  # type: ignore[attr-defined]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _SKIP_ERRNOS:
+                    continue
+                self._accept_failed(listener, exc)
+                return
+            self.accepted += 1
+            self._spawn(fd, listener.family, peer)
+        self._pause_listening()
+
+    def _accept_failed(self, listener: Listener, exc: OSError) -> None:
+        # Out of descriptors (or some error we do not know): retrying at once
+        # would spin at 100% CPU.  Leave the connections in the kernel backlog
+        # and try again shortly, or as soon as a child exits.
+        if self._accept_log.ready():
+            held = self._accept_log.take_suppressed()
+            logger.error(
+                "accept() on %s failed: %s; pausing accepts for %.1fs%s",
+                listener.name,
+                os.strerror(exc.errno or 0),
+                BACKOFF_SECONDS,
+                f" ({held} more failures since the last report)" if held else "",
+            )
+        self._pause_listening()
+        self._resume_at = time.monotonic() + BACKOFF_SECONDS
+
+    def _spawn(self, fd: int, family: int, peer: Any) -> None:
+        # Signals stay blocked across fork so the child cannot run the
+        # parent's handlers before it has put back the default dispositions.
+        blocked = self._signals_to_reset
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            if blocked:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+            self._fork_failed(fd, family, peer, exc)
+            return
+        if pid == 0:
+            serve_connection(
+                fd,
+                family,
+                peer,
+                self._child_closes(),
+                blocked,
+                self.finish_request,
+                self.handle_error,
+            )
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+        # close() only drops a reference: if the parent kept its copy, the
+        # client would never see EOF when the child is done.
+        os.close(fd)
+        child = Child(pid, family, peer, time.monotonic())
+        self.children.add(child)
+        if self._pidfd_mode:
+            self._watch_pidfd(child)
+
+    def _child_closes(self) -> Iterator[int]:
+        yield from self._parent_fds
+        if self._pidfd_mode:
+            yield from self.children.pidfds()
+
+    def _fork_failed(self, fd: int, family: int, peer: Any, exc: OSError) -> None:
+        self.fork_failures += 1
+        os.close(fd)
+        if self._fork_log.ready():
+            held = self._fork_log.take_suppressed()
+            logger.error(
+                "fork() failed: %s; closed the connection from %s%s",
+                exc.strerror,
+                format_address(family, peer),
+                f" ({held} more since the last report)" if held else "",
+            )
+        # EAGAIN/ENOMEM pass when children exit: give them a moment.
+        self._pause_listening()
+        self._resume_at = time.monotonic() + BACKOFF_SECONDS
+
+    def handle_error(self, request: Socket, client_address: Any) -> None:
+        """Called in the child when the handler raised; logs the traceback."""
+        logger.exception("handler failed for %s", format_address(request.family, client_address))
+
+    def _pause_listening(self) -> None:
+        if self._listening and self._selector is not None:
+            for listener in self.listeners:
+                self._selector.unregister(listener.sock)
+            self._listening = False
+
+    def _resume_listening(self) -> None:
+        if self._listening or self._stopping or self._selector is None:
+            return
+        if self._resume_at is not None or len(self.children) >= self.settings.max_children:
+            return
+        for listener in self.listeners:
+            self._selector.register(listener.sock, selectors.EVENT_READ, listener)
+        self._listening = True
+
+    # -- children ending ---------------------------------------------------
+
+    def _watch_pidfd(self, child: Child) -> None:
+        assert self._selector is not None
+        child.pidfd = os.pidfd_open(child.pid)
+        self._selector.register(child.pidfd, selectors.EVENT_READ, child.pid)
+
+    def _reap_pidfd(self, pid: int) -> None:
+        child = self.children.reap_pid(pid)
+        if child is not None:
+            assert self._selector is not None
+            self._selector.unregister(child.pidfd)
+            os.close(child.pidfd)
+            self._after_reap([child])
+
+    def _after_reap(self, gone: list[Child]) -> None:
+        if not gone:
+            return
+        if self._stopping:
+            while self._queued and len(self.children) < self.settings.max_children:
+                self._spawn(*self._queued.popleft())
+        elif not self._listening:
+            # A slot is free, and an exiting child may have freed descriptors
+            # (ENFILE) or processes (fork's EAGAIN): try again now.
+            self._resume_at = None
+            self._resume_listening()
+
+    def handle_chld(self) -> None:
+        self._after_reap(self.children.reap())
+
+    # -- stopping ------------------------------------------------------------
+
+    def handle_term(self) -> None:
+        self._begin_stop(immediate=self._stopping)
+
+    def handle_int(self) -> None:
+        self._begin_stop(immediate=self._stopping)
+
+    def handle_quit(self) -> None:
+        self._begin_stop(immediate=True)
+
+    def handle_hup(self) -> None:
+        logger.warning("SIGHUP ignored: reloading is not supported by this version")
+
+    def handle_usr1(self) -> None:
+        logger.info("SIGUSR1 ignored")
+
+    def handle_usr2(self) -> None:
+        logger.info("SIGUSR2 ignored")
+
+    def _begin_stop(self, immediate: bool = False) -> None:
+        if not self._stopping:
+            self._stopping = True
+            self._drain_backlog()
+            self._pause_listening()
+            for listener in self.listeners:
+                listener.close_and_unlink()
+            if not immediate:
+                self._term_at = time.monotonic() + self.settings.graceful_timeout
+                logger.info(
+                    "stopping: no longer accepting; waiting up to %.1fs for %d children",
+                    self.settings.graceful_timeout,
+                    len(self.children) + len(self._queued),
+                )
+        if immediate:
+            logger.info("stopping now: killing %d children", len(self.children))
+            self._term_at = None
+            self._drop_queued("immediate stop")
+            self.children.signal_all(signal.SIGKILL)
+
+    def _drain_backlog(self) -> None:
+        """Take in connections the kernel already queued, so closing the
+        listeners does not reset them; serve each as a slot frees up."""
+        for listener in self.listeners:
+            while len(self._queued) < self.settings.backlog:
+                try:
+                    fd, peer = listener.sock._accept()  # type: ignore[attr-defined]
+                except OSError:
+                    break
+                self.accepted += 1
+                if len(self.children) < self.settings.max_children:
+                    self._spawn(fd, listener.family, peer)
+                else:
+                    self._queued.append((fd, listener.family, peer))
+
+    def _drop_queued(self, why: str) -> None:
+        if self._queued:
+            logger.warning("closing %d queued connections unserved: %s", len(self._queued), why)
+        while self._queued:
+            os.close(self._queued.popleft()[0])
+
+    def _stop_leftover_children(self) -> None:
+        """Outside the loop (an error, or server_close() without serve_forever):
+        TERM, wait up to kill_timeout, then KILL, and reap every one."""
+        self.children.signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.kill_timeout
+        while self.children and time.monotonic() < deadline:
+            if not self.children.reap():
+                time.sleep(0.01)
+        if self.children:
+            self.children.signal_all(signal.SIGKILL)
+        for child in self.children:
+            try:
+                _, status = os.waitpid(child.pid, 0)
+            except ChildProcessError:
+                status = 0
+            self.children.exited(child.pid, status)
+
+
+def _handler_name(handler: HandlerType) -> str:
+    module = getattr(handler, "__module__", "?")
+    return f"{module}:{getattr(handler, '__qualname__', repr(handler))}"

@@ -1,0 +1,96 @@
+"""The self-pipe that wakes the parent's loop, and the signal handlers that use it.
+
+Signal handlers do nothing but note the signal and wake the loop: the C-level
+handler writes a byte to the pipe (``signal.set_wakeup_fd``), the Python-level
+one adds the signal number to a set.  All real work (reaping, stopping,
+logging) happens in the loop, never inside a handler.  Other threads wake the
+loop through the same pipe (``Server.shutdown()``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+__all__ = ["HANDLED_SIGNALS", "Wakeup"]
+
+# Signals the parent takes over while serving; children get SIG_DFL back.
+HANDLED_SIGNALS: tuple[signal.Signals, ...] = (
+    signal.SIGCHLD,
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
+
+class Wakeup:
+    """A non-blocking pipe: anything written to it makes the loop's select return."""
+
+    def __init__(self) -> None:
+        self.rfd, self.wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.pending: set[int] = set()
+        self.signals_installed = False
+        self._saved_handlers: dict[int, Any] = {}
+        self._saved_wakeup_fd = -1
+
+    @property
+    def fds(self) -> tuple[int, int]:
+        return self.rfd, self.wfd
+
+    def install_signals(self) -> bool:
+        """Take over HANDLED_SIGNALS; False where that is impossible (not the main thread)."""
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        self._saved_wakeup_fd = signal.set_wakeup_fd(self.wfd, warn_on_full_buffer=False)
+        for signum in HANDLED_SIGNALS:
+            self._saved_handlers[signum] = signal.signal(signum, self._note)
+        # A signal must not turn a blocking call into an error: retry, don't fail.
+        for signum in HANDLED_SIGNALS:
+            signal.siginterrupt(signum, False)
+        self.signals_installed = True
+        return True
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        self.pending.add(signum)
+
+    def take_signals(self) -> list[int]:
+        """The signals noted since the last call, oldest concern first (SIGCHLD last)."""
+        if not self.pending:
+            return []
+        taken, self.pending = self.pending, set()
+        return sorted(taken, key=lambda s: (s == signal.SIGCHLD, s))
+
+    def wake(self) -> None:
+        try:
+            os.write(self.wfd, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full, so the loop is going to wake anyway
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.rfd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def restore_signals(self) -> None:
+        if not self.signals_installed:
+            return
+        for signum, handler in self._saved_handlers.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        signal.set_wakeup_fd(self._saved_wakeup_fd)
+        self._saved_handlers.clear()
+        self.signals_installed = False
+
+    def close(self) -> None:
+        self.restore_signals()
+        for fd in (self.rfd, self.wfd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
