@@ -1,0 +1,247 @@
+"""Shared harness: start the real ``python -m forkserver`` and talk to it.
+
+Servers start in a new session (their own process group) and are killed by
+process group in teardown, so no child outlives a test.  Readiness is the
+server's own "forkserver ready" log line, read from its stderr: no sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+READY = "forkserver ready"
+LISTENING = re.compile(r"listening on (\S+)")
+
+
+class ServerProcess:
+    """A running forkserver parent, its log, and the addresses it reported."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._eof = False
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.addresses: list[str] = []
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    @property
+    def log(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def wait_for_log(self, pattern: str, timeout: float = 10.0, start: int = 0) -> str:
+        """The first log line (from index *start*) matching regex *pattern*."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            i = start
+            while True:
+                while i < len(self.lines):
+                    if rx.search(self.lines[i]):
+                        return self.lines[i]
+                    i += 1
+                left = deadline - time.monotonic()
+                if self._eof or left <= 0:
+                    raise AssertionError(
+                        f"no log line matching {pattern!r} "
+                        f"({'server exited' if self._eof else 'timed out'}); log:\n"
+                        + "\n".join(self.lines)
+                    )
+                self._cond.wait(left)
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        self.wait_for_log(READY, timeout)
+        self.addresses = [m.group(1) for line in self.lines if (m := LISTENING.search(line))]
+
+    @property
+    def tcp_address(self) -> tuple[str, int]:
+        """The first TCP address the server reported, as (host, port)."""
+        for addr in self.addresses:
+            if not addr.startswith("unix:"):
+                host, _, port = addr.rpartition(":")
+                return host.strip("[]"), int(port)
+        raise AssertionError(f"no TCP listener in {self.addresses}")
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, wait for a clean exit, and return the exit status."""
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def kill_group(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        self._reader.join(5)
+        if self.proc.stderr:
+            self.proc.stderr.close()
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    """Live (non-zombie) processes in process group *pgid*."""
+    found = []
+    for p in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    return found
+
+
+StartServer = Callable[..., ServerProcess]
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[StartServer]:
+    """Factory: ``start_server(config_text=None, *args, ready=True)``.
+
+    *config_text* is the body of a TOML file (written to tmp_path); *args* are
+    extra CLI arguments.  ``tests.services`` handlers are importable.  Every
+    server started is killed by process group at teardown.
+    """
+    started: list[ServerProcess] = []
+
+    def start(
+        config_text: str | None = None,
+        *args: str,
+        ready: bool = True,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        **popen: Any,
+    ) -> ServerProcess:
+        argv = [sys.executable, "-m", "forkserver"]
+        if config_text is not None:
+            path = tmp_path / f"server{len(started)}.toml"
+            path.write_text(config_text)
+            argv += ["--config", str(path)]
+        argv += list(args)
+        full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        full_env.update(env or {})
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=full_env,
+            cwd=cwd or tmp_path,
+            start_new_session=True,
+            **popen,
+        )
+        server = ServerProcess(proc)
+        started.append(server)
+        if ready:
+            server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.kill_group()
+    for server in started:
+        leftovers = group_members(server.pid)
+        for p in leftovers:
+            p.kill()
+        assert not leftovers, f"processes outlived the test: {leftovers}"
+
+
+def config(handler: str = "forkserver.examples.echo:EchoHandler", **settings: Any) -> str:
+    """A [server] table with port 0 on loopback plus *settings*, as TOML text."""
+    values: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "handler": handler}
+    values.update(settings)
+    lines = ["[server]"]
+    for key, value in values.items():
+        lines.append(f"{key} = {_toml(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
+def echo_roundtrip(address: Any, payload: bytes, timeout: float = 20.0) -> bytes:
+    """Connect, send *payload*, half-close, and read the reply to EOF."""
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    if isinstance(address, tuple) and ":" in address[0]:
+        family = socket.AF_INET6
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(address)
+        sender = threading.Thread(target=_send_and_half_close, args=(sock, payload))
+        sender.start()
+        chunks = []
+        while True:
+            data = sock.recv(1 << 20)
+            if not data:
+                break
+            chunks.append(data)
+        sender.join(timeout)
+        return b"".join(chunks)
+
+
+def _send_and_half_close(sock: socket.socket, payload: bytes) -> None:
+    try:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    """Poll *predicate* (for outcomes with no event to wait on, e.g. reaping)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.02)
