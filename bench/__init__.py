@@ -1,0 +1,1 @@
+"""Load generators and benchmarks for forkserver and any other TCP service."""
