@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= conf/echo.toml
 
-.PHONY: run test lint unit bench clean
+.PHONY: run test lint unit readme clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "forkserver needs Python >= 3.11; this is " + sys.version.split()[0])'
@@ -27,6 +27,13 @@ lint: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest
+
+## Regenerate the README's configuration table from forkserver/config.py.
+readme: $(STAMP)
+	$(BIN)/python -c 'import pathlib; from forkserver.config import reference_table; \
+	p = pathlib.Path("README.md"); s = p.read_text(); \
+	a, b = "<!-- settings:begin -->\n", "<!-- settings:end -->"; \
+	i, j = s.index(a) + len(a), s.index(b); p.write_text(s[:i] + reference_table() + "\n" + s[j:])'
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache

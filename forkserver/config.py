@@ -71,7 +71,7 @@ class Settings:
         "`max_children`. Capped by the kernel at net.core.somaxconn (a warning says so).",
         cli="--backlog",
         min=1,
-        max=1 << 20,
+        max=65535,
     )
     handler: str = _setting(
         "",
@@ -86,7 +86,7 @@ class Settings:
         "new connections wait in the kernel backlog.",
         cli="--max-children",
         min=1,
-        max=1 << 20,
+        max=100_000,
     )
     graceful_timeout: float = _setting(
         30.0,
@@ -151,11 +151,11 @@ def _describe(f: dataclasses.Field[Any]) -> str:
         return "true or false"
     else:
         return "a string or a list of strings"
-    if lo is not None and hi is not None:
-        if f.name == "unix_mode":
-            return f"{text} {lo:#o}-{hi:#o}"
-        return f"{text} {lo:g}-{hi:g}"
-    return text
+    if lo is None or hi is None:
+        return text
+    if f.name == "unix_mode":
+        return f"{text} 0o000-0o777"
+    return f"{text} {lo:g}-{hi:g}" if kind is float else f"{text} {lo}-{hi}"
 
 
 def _show(value: Any) -> str:
