@@ -8,18 +8,18 @@ how long the child lived.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import time
 from collections.abc import Iterator
 from typing import Any
 
+from . import log
 from .listeners import format_address
 
 __all__ = ["Child", "ChildTable", "describe_status"]
 
-logger = logging.getLogger(__name__)
+logger = log.get_logger(__name__)
 
 
 class Child:

@@ -8,23 +8,19 @@ failure) or died of an error, 2 for a usage or configuration error.  Only
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
+from . import __version__, log
 from .config import ConfigError, Settings, cli_flags, field_type, load
 from .listeners import BindError
 from .server import Server
 
 __all__ = ["main"]
 
-logger = logging.getLogger("forkserver")
-
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,21 +66,18 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Like gunicorn: handler modules next to where the server is started are
     # importable, also through the console script (which has no '' on sys.path).
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    _configure_logging(args.log_level or "info")
+    log.setup(args.log_level or "info")
     try:
         settings = _settings(args)
-        _configure_logging(settings.log_level)
         server = Server.from_settings(settings)
+        # After the handler import: if it brought in stdlib logging, use it.
+        log.setup(settings.log_level)
     except ConfigError as exc:
         print(f"forkserver: {exc}", file=sys.stderr)
         return EXIT_USAGE

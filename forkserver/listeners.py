@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import socket
 import stat
 
+from . import log
+
 __all__ = ["BindError", "Listener", "format_address", "open_listeners", "somaxconn"]
 
-logger = logging.getLogger(__name__)
+logger = log.get_logger(__name__)
 
 SOMAXCONN_PATH = "/proc/sys/net/core/somaxconn"
 

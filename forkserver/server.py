@@ -9,19 +9,20 @@ name (``handle_term``, ``handle_chld``...) from the loop.
 
 from __future__ import annotations
 
+import _signal  # enum-free signal calls on the per-connection path (see child.py)
+import _thread
 import errno
 import gc
-import logging
 import os
 import selectors
 import signal
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator
 from socket import socket as Socket
 from typing import Any
 
+from . import log
 from .child import serve_connection
 from .children import Child, ChildTable
 from .config import Settings
@@ -31,7 +32,7 @@ from .wakeup import HANDLED_SIGNALS, Wakeup
 
 __all__ = ["Server"]
 
-logger = logging.getLogger(__name__)
+logger = log.get_logger(__name__)
 
 # accept() errors that concern one connection only: skip it, keep accepting.
 _SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
@@ -112,8 +113,9 @@ class Server:
         self._stopping = False
         self._shutdown_request = False
         self._serving = False
-        self._is_shut_down = threading.Event()
-        self._is_shut_down.set()
+        # Held while serve_forever() runs; shutdown() waits on it.  A _thread
+        # lock, not threading.Event: see log.py for why threading stays out.
+        self._is_shut_down = _thread.allocate_lock()
         self._resume_at: float | None = None
         self._term_at: float | None = None
         self._kill_at: float | None = None
@@ -163,18 +165,16 @@ class Server:
         the loop sleeps in select() until there is work.
         """
         self.server_activate()
-        self._is_shut_down.clear()
-        try:
+        with self._is_shut_down:
             self._serve()
-        finally:
-            self._is_shut_down.set()
 
     def shutdown(self) -> None:
         """Stop serve_forever() gracefully and wait for it; call from another thread."""
         self._shutdown_request = True
         if self._wakeup is not None:
             self._wakeup.wake()
-        self._is_shut_down.wait()
+        with self._is_shut_down:
+            pass
 
     def server_close(self) -> None:
         """Close the listeners; stop any children still running.  Idempotent."""
@@ -204,7 +204,12 @@ class Server:
                 selector.fileno(),
                 *(lis.fileno() for lis in self.listeners),
             ]
-            self._signals_to_reset = tuple(HANDLED_SIGNALS) if wakeup.signals_installed else ()
+            self._signals_to_reset = (
+                tuple(int(s) for s in HANDLED_SIGNALS) if wakeup.signals_installed else ()
+            )
+            self._dispatch = {
+                int(s): getattr(self, "handle_" + s.name[3:].lower()) for s in HANDLED_SIGNALS
+            }
             self._resume_listening()
             # Everything imported so far is shared with every child; keep the
             # collector from touching (and so copying) those pages after fork.
@@ -233,7 +238,7 @@ class Server:
     def _loop(self, selector: selectors.BaseSelector, wakeup: Wakeup) -> None:
         while True:
             for signum in wakeup.take_signals():
-                getattr(self, "handle_" + signal.Signals(signum).name[3:].lower())()
+                self._dispatch[signum]()
             if self._shutdown_request and not self._stopping:
                 self._begin_stop()
             self._run_timers()
@@ -321,12 +326,12 @@ class Server:
         # parent's handlers before it has put back the default dispositions.
         blocked = self._signals_to_reset
         if blocked:
-            signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+            _signal.pthread_sigmask(_signal.SIG_BLOCK, blocked)
         try:
             pid = os.fork()
         except OSError as exc:
             if blocked:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+                _signal.pthread_sigmask(_signal.SIG_UNBLOCK, blocked)
             self._fork_failed(fd, family, peer, exc)
             return
         if pid == 0:
@@ -340,7 +345,7 @@ class Server:
                 self.handle_error,
             )
         if blocked:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+            _signal.pthread_sigmask(_signal.SIG_UNBLOCK, blocked)
         # close() only drops a reference: if the parent kept its copy, the
         # client would never see EOF when the child is done.
         os.close(fd)

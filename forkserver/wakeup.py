@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import threading
 from types import FrameType
 from typing import Any
 
@@ -28,6 +27,9 @@ HANDLED_SIGNALS: tuple[signal.Signals, ...] = (
     signal.SIGUSR1,
     signal.SIGUSR2,
 )
+
+
+_NONE: set[int] = set()
 
 
 class Wakeup:
@@ -46,11 +48,16 @@ class Wakeup:
 
     def install_signals(self) -> bool:
         """Take over HANDLED_SIGNALS; False where that is impossible (not the main thread)."""
-        if threading.current_thread() is not threading.main_thread():
+        try:
+            self._saved_wakeup_fd = signal.set_wakeup_fd(self.wfd, warn_on_full_buffer=False)
+        except ValueError:  # only the main thread may handle signals
             return False
-        self._saved_wakeup_fd = signal.set_wakeup_fd(self.wfd, warn_on_full_buffer=False)
+        # One handler object for every signal: a child that resets them all
+        # then drops references to one object, not seven (each freed object
+        # is a page touched, so copied, in every child).
+        self._handler = self._note
         for signum in HANDLED_SIGNALS:
-            self._saved_handlers[signum] = signal.signal(signum, self._note)
+            self._saved_handlers[signum] = signal.signal(signum, self._handler)
         # A signal must not turn a blocking call into an error: retry, don't fail.
         for signum in HANDLED_SIGNALS:
             signal.siginterrupt(signum, False)
@@ -60,12 +67,12 @@ class Wakeup:
     def _note(self, signum: int, frame: FrameType | None) -> None:
         self.pending.add(signum)
 
-    def take_signals(self) -> list[int]:
-        """The signals noted since the last call, oldest concern first (SIGCHLD last)."""
+    def take_signals(self) -> set[int]:
+        """The signals noted since the last call."""
         if not self.pending:
-            return []
+            return _NONE
         taken, self.pending = self.pending, set()
-        return sorted(taken, key=lambda s: (s == signal.SIGCHLD, s))
+        return taken
 
     def wake(self) -> None:
         try:
