@@ -34,11 +34,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .config import ConfigError, Settings
-from .handlers import BaseHandler, StreamHandler
-from .listeners import BindError
-from .server import Server
-
 __all__ = [
     "BaseHandler",
     "BindError",
@@ -48,3 +43,33 @@ __all__ = [
     "StreamHandler",
     "__version__",
 ]
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # what the lazy attributes below resolve to, for the type checker
+    from .config import Settings
+    from .errors import BindError, ConfigError
+    from .handlers import BaseHandler, StreamHandler
+    from .server import Server
+
+# Attributes load their module on first use (PEP 562): a handler module's
+# "from forkserver import StreamHandler" must not pull the config machinery
+# into the serving parent, whose every page each fork copies.
+_LAZY = {
+    "BaseHandler": "handlers",
+    "StreamHandler": "handlers",
+    "BindError": "errors",
+    "ConfigError": "errors",
+    "Server": "server",
+    "Settings": "config",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'forkserver' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f"forkserver.{module}"), name)
+    globals()[name] = value
+    return value

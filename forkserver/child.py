@@ -17,8 +17,12 @@ import contextlib
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterable
-from typing import Any, NoReturn
+
+# typing stays out of the serving parent: only the type checker reads these.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+    from typing import Any, NoReturn
 
 __all__ = ["serve_connection"]
 

@@ -11,11 +11,15 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
-from typing import Any
 
 from . import log
 from .listeners import format_address
+
+# typing stays out of the serving parent: only the type checker reads these.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Any
 
 __all__ = ["Child", "ChildTable", "describe_status"]
 
@@ -79,10 +83,12 @@ class ChildTable:
     def reap(self) -> list[Child]:
         """Collect every child that has exited; never blocks."""
         gone: list[Child] = []
-        while True:
+        # Stop when the table is empty rather than on ECHILD: no exception in
+        # the common case of the last child exiting.
+        while self._children:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
+            except ChildProcessError:  # someone else reaped ours (SIGCHLD ignored?)
                 break
             if pid == 0:
                 break

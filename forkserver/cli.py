@@ -1,22 +1,27 @@
 """``forkserver`` / ``python -m forkserver``: load config, bind, serve.
 
 Exit status: 0 after a clean stop, 1 when the server could not start (bind
-failure) or died of an error, 2 for a usage or configuration error.  Only
-``main()`` turns errors into exit codes.
+failure), 2 for a usage or configuration error.  Only ``main()`` turns errors
+into exit codes.
+
+Once the config is valid and the listeners are bound, the process re-executes
+itself into a lean parent (``boot.py``) so that the parsing machinery is not
+copied at every fork; that is why the heavy imports live inside functions.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
 
-from . import __version__, log
-from .config import ConfigError, Settings, cli_flags, field_type, load
-from .listeners import BindError
-from .server import Server
+from .boot import BOOT_ENV
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
+
+    from .config import Settings
 
 __all__ = ["main"]
 
@@ -24,6 +29,11 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse
+
+    from . import __version__
+    from .config import cli_flags, field_type
+
     parser = argparse.ArgumentParser(
         prog="forkserver",
         description="Serve each TCP or Unix-socket connection in its own forked child.",
@@ -38,59 +48,73 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"forkserver {__version__}")
     for flag, f in cli_flags():
         kind = field_type(f)
-        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f.metadata["help"]}
+        kwargs: dict[str, object] = {"dest": f.name, "default": None, "help": f.metadata["help"]}
         if kind is int:
             kwargs.update(type=int, metavar="N")
         elif kind is float:
             kwargs.update(type=float, metavar="SECONDS")
         elif kind is str:
             kwargs["metavar"] = "LEVEL" if f.metadata["choices"] else "VALUE"
-        else:  # repeatable list setting
+        else:  # a list setting: the flag may be repeated
             kwargs.update(action="append", metavar="ADDR")
-        parser.add_argument(flag, **kwargs)
+        parser.add_argument(flag, **kwargs)  # type: ignore[arg-type]
     return parser
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from .config import ConfigError, Settings, cli_flags, load
+
     settings = load(args.config) if args.config else Settings()
     overrides = {
         f.name: getattr(args, f.name) for _, f in cli_flags() if getattr(args, f.name) is not None
     }
     if overrides:
         settings = settings.replace("command line", **overrides)
+    where = args.config or "command line"
     if not settings.handler:
-        where = args.config or "command line"
         raise ConfigError(f'{where}: server.handler is required (e.g. handler = "module:attr")')
     if not settings.host and not settings.unix:
-        raise ConfigError(f"{args.config or 'command line'}: no listener: host and unix are empty")
+        raise ConfigError(f"{where}: no listener: host and unix are both empty")
     return settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    blob = os.environ.pop(BOOT_ENV, None)
+    if blob is not None:  # the re-executed, lean parent: see boot.py
+        from .boot import lean_main
+
+        return lean_main(blob)
+    return _start(list(sys.argv[1:] if argv is None else argv))
+
+
+def _start(argv: list[str]) -> int:
+    from . import log
+    from .boot import exec_lean_parent
+    from .errors import BindError, ConfigError
+    from .handlers import import_handler
+    from .listeners import open_listeners
+
     args = _parser().parse_args(argv)
     # Like gunicorn: handler modules next to where the server is started are
     # importable, also through the console script (which has no '' on sys.path).
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    log.setup(args.log_level or "info")
+    where = args.config or "command line"
     try:
-        settings = _settings(args)
-        server = Server.from_settings(settings)
-        # After the handler import: if it brought in stdlib logging, use it.
+        settings = _settings(args)  # checks --log-level too, so set it up after
         log.setup(settings.log_level)
+        if args.check:
+            import_handler(settings.handler, where)
+            print(f"forkserver: {where}: config OK", file=sys.stderr)
+            return EXIT_OK
     except ConfigError as exc:
         print(f"forkserver: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if args.check:
-        print(f"forkserver: {args.config or 'command line'}: config OK", file=sys.stderr)
-        return EXIT_OK
+    s = settings
     try:
-        server.server_activate()
+        listeners = open_listeners(s.host, s.port, s.unix, s.backlog, s.unix_mode)
     except BindError as exc:
         print(f"forkserver: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
-    return EXIT_OK
+    exec_lean_parent(settings, where, listeners, argv)
+    return EXIT_FAILURE  # not reached: exec_lean_parent replaces this process

@@ -14,14 +14,18 @@ import importlib
 import io
 import socket
 import sys
-from collections.abc import Callable
-from typing import Any, TypeAlias
 
-from .config import ConfigError
+from .errors import ConfigError
+
+# typing stays out of the serving parent: only the type checker reads these.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, TypeAlias
+
+    HandlerType: TypeAlias = Callable[..., Any]
 
 __all__ = ["BaseHandler", "HandlerType", "StreamHandler", "import_handler"]
-
-HandlerType: TypeAlias = Callable[..., Any]
 
 
 class BaseHandler:
@@ -107,8 +111,19 @@ class _SocketWriter(io.BufferedIOBase):
         return self._sock.fileno()
 
 
-def import_handler(spec: str) -> HandlerType:
-    """Resolve ``"module:attr"`` (attr may be dotted) to a class or callable."""
+def import_handler(spec: str, source: str = "") -> HandlerType:
+    """Resolve ``"module:attr"`` (attr may be dotted) to a class or callable.
+
+    *source* (a config path, or "command line") prefixes error messages."""
+    try:
+        return _import_handler(spec)
+    except ConfigError as exc:
+        if not source:
+            raise
+        raise ConfigError(f"{source}: {exc}") from exc.__cause__
+
+
+def _import_handler(spec: str) -> HandlerType:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f'server.handler must be "module:attr", got "{spec}"')
@@ -134,9 +149,9 @@ def import_handler(spec: str) -> HandlerType:
                 f"server.handler: module {module_name!r} has no attribute {attr!r}"
             ) from None
     if not callable(target):
-        raise ConfigError(
-            f'server.handler: "{spec}" is a {type(target).__name__}, not a class or function'
-        )
+        kind = type(target).__name__
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise ConfigError(f'server.handler: "{spec}" is {article} {kind}, not a class or function')
     return target  # type: ignore[no-any-return]
 
 

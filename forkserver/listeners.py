@@ -8,23 +8,19 @@ server is replaced; a path a live server still answers on is never stolen.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import socket
 import stat
 
 from . import log
+from .errors import BindError
 
 __all__ = ["BindError", "Listener", "format_address", "open_listeners", "somaxconn"]
 
 logger = log.get_logger(__name__)
 
 SOMAXCONN_PATH = "/proc/sys/net/core/somaxconn"
-
-
-class BindError(Exception):
-    """A listener could not be created; the message names the address and reason."""
 
 
 def somaxconn() -> int | None:
@@ -64,9 +60,26 @@ class Listener:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    @property
+    def closed(self) -> bool:
+        return self.sock.fileno() == -1
+
     def close(self) -> None:
-        """Close the socket; in the parent also remove our Unix socket file."""
+        """Close the socket, leaving any Unix socket file in place."""
         self.sock.close()
+
+    def inherit(self) -> dict[str, object]:
+        """Mark the fd to survive exec(); returns what adopt() needs on the other side."""
+        os.set_inheritable(self.sock.fileno(), True)
+        return {"fd": self.sock.fileno(), "unix_inode": self._unix_inode}
+
+    @classmethod
+    def adopt(cls, fd: int, unix_inode: list[int] | None = None) -> Listener:
+        """Take over a listening socket inherited as *fd* (after exec)."""
+        sock = socket.socket(fileno=fd)
+        sock.set_inheritable(False)
+        sock.setblocking(False)
+        return cls(sock, (unix_inode[0], unix_inode[1]) if unix_inode else None)
 
     def close_and_unlink(self) -> None:
         self.close()
@@ -121,8 +134,10 @@ def _remove_stale_unix(path: str) -> None:
         probe.connect(path)
     except (ConnectionRefusedError, FileNotFoundError):
         logger.info("removing stale socket file %s", path)
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(path)
+        except FileNotFoundError:
+            pass  # someone else cleaned it up meanwhile
         return
     except OSError as exc:
         if exc.errno == errno.EAGAIN:  # its backlog is full: someone is alive there

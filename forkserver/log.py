@@ -24,7 +24,11 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any
+
+# typing stays out of the serving parent: only the type checker reads these.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["LEVELS", "Logger", "get_logger", "setup"]
 

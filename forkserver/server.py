@@ -20,15 +20,21 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from socket import socket as Socket
-from typing import Any
 
 from . import log
 from .child import serve_connection
 from .children import Child, ChildTable
-from .config import Settings
-from .handlers import HandlerType, import_handler, is_handler_class
+from .handlers import import_handler, is_handler_class
 from .listeners import Listener, format_address, open_listeners
 from .wakeup import HANDLED_SIGNALS, Wakeup
+
+# typing stays out of the serving parent: only the type checker reads these.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from .config import Settings
+    from .handlers import HandlerType
 
 __all__ = ["Server"]
 
@@ -87,16 +93,26 @@ class Server:
         bind_and_activate: bool = True,
         **options: Any,
     ) -> None:
+        from .config import Settings  # the Python API validates like the config file
+
         settings = Settings(**{**_settings_for_address(server_address), **options})
         self._setup(settings, handler)
         if bind_and_activate:
             self.server_activate()
 
     @classmethod
-    def from_settings(cls, settings: Settings, handler: HandlerType | None = None) -> Server:
-        """A server for a loaded config; imports ``settings.handler`` if *handler* is None."""
+    def from_settings(
+        cls,
+        settings: Settings,
+        handler: HandlerType | None = None,
+        listeners: list[Listener] | None = None,
+    ) -> Server:
+        """A server for loaded settings; imports ``settings.handler`` if *handler*
+        is None, and adopts already bound *listeners* if given."""
         self = cls.__new__(cls)
         self._setup(settings, handler if handler is not None else import_handler(settings.handler))
+        if listeners:
+            self.listeners = list(listeners)
         return self
 
     def _setup(self, settings: Settings, handler: HandlerType) -> None:
@@ -129,7 +145,7 @@ class Server:
 
     def server_activate(self) -> None:
         """Bind and listen on every configured address (raises BindError)."""
-        if not self.listeners:
+        if not self.listeners or self.listeners[0].closed:
             s = self.settings
             self.listeners = open_listeners(s.host, s.port, s.unix, s.backlog, s.unix_mode)
 
@@ -169,7 +185,11 @@ class Server:
             self._serve()
 
     def shutdown(self) -> None:
-        """Stop serve_forever() gracefully and wait for it; call from another thread."""
+        """Stop serve_forever() and wait for it; call from another thread.
+
+        As in socketserver, the listeners stay open (connections wait in the
+        backlog) until server_close() or the next serve_forever(); children
+        get graceful_timeout to finish before serve_forever() returns."""
         self._shutdown_request = True
         if self._wakeup is not None:
             self._wakeup.wake()
@@ -228,8 +248,9 @@ class Server:
             self._serving = False
             if self.children:  # only if the loop died of an exception
                 self._stop_leftover_children()
-            for listener in self.listeners:
-                listener.close_and_unlink()
+            self._stopping = self._shutdown_request = False
+            self._term_at = self._kill_at = self._resume_at = None
+            self._listening = False
             selector.close()
             wakeup.close()
             self._wakeup = self._selector = None
@@ -237,11 +258,17 @@ class Server:
 
     def _loop(self, selector: selectors.BaseSelector, wakeup: Wakeup) -> None:
         while True:
-            for signum in wakeup.take_signals():
-                self._dispatch[signum]()
+            if wakeup.pending:
+                for signum in wakeup.take_signals():
+                    self._dispatch[signum]()
             if self._shutdown_request and not self._stopping:
-                self._begin_stop()
-            self._run_timers()
+                self._begin_stop(close_listeners=False)
+            if (
+                self._resume_at is not None
+                or self._term_at is not None
+                or self._kill_at is not None
+            ):
+                self._run_timers()
             if self._stopping and not self.children and not self._queued:
                 logger.info("stopped: all children have exited")
                 return
@@ -257,9 +284,9 @@ class Server:
                 self._after_reap(self.children.reap())
 
     def _timeout(self) -> float | None:
+        if self._resume_at is None and self._term_at is None and self._kill_at is None:
+            return self._poll_interval  # the common case: sleep until something happens
         deadlines = [t for t in (self._resume_at, self._term_at, self._kill_at) if t is not None]
-        if not deadlines:
-            return self._poll_interval
         wait = max(0.0, min(deadlines) - time.monotonic())
         return wait if self._poll_interval is None else min(wait, self._poll_interval)
 
@@ -288,22 +315,25 @@ class Server:
     # -- accepting and forking ---------------------------------------------
 
     def _accept(self, listener: Listener) -> None:
-        """Accept every pending connection on *listener*, one child each."""
-        sock = listener.sock
-        limit = self.settings.max_children
-        while len(self.children) < limit:
-            try:
-                fd, peer = sock._accept()  # type: ignore[attr-defined]
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in _SKIP_ERRNOS:
-                    continue
+        """Accept one connection and fork its child.
+
+        One per readiness event: epoll is level-triggered, so a listener with
+        more connections waiting is reported again at once, and the loop never
+        ends in EAGAIN (an exception in every wakeup costs more than a
+        select call: it touches pages that each fork then copies).
+        """
+        try:
+            fd, peer = listener.sock._accept()  # type: ignore[attr-defined]
+        except (BlockingIOError, InterruptedError):
+            return  # reset by the peer before we got to it, or a spurious wakeup
+        except OSError as exc:
+            if exc.errno not in _SKIP_ERRNOS:
                 self._accept_failed(listener, exc)
-                return
-            self.accepted += 1
-            self._spawn(fd, listener.family, peer)
-        self._pause_listening()
+            return
+        self.accepted += 1
+        self._spawn(fd, listener.family, peer)
+        if len(self.children) >= self.settings.max_children:
+            self._pause_listening()
 
     def _accept_failed(self, listener: Listener, exc: OSError) -> None:
         # Out of descriptors (or some error we do not know): retrying at once
@@ -355,7 +385,10 @@ class Server:
             self._watch_pidfd(child)
 
     def _child_closes(self) -> Iterator[int]:
+        """Every fd the parent holds that a new child must not keep."""
         yield from self._parent_fds
+        for queued in self._queued:  # other clients' connections, waiting at stop
+            yield queued[0]
         if self._pidfd_mode:
             yield from self.children.pidfds()
 
@@ -443,13 +476,14 @@ class Server:
     def handle_usr2(self) -> None:
         logger.info("SIGUSR2 ignored")
 
-    def _begin_stop(self, immediate: bool = False) -> None:
+    def _begin_stop(self, immediate: bool = False, close_listeners: bool = True) -> None:
         if not self._stopping:
             self._stopping = True
-            self._drain_backlog()
             self._pause_listening()
-            for listener in self.listeners:
-                listener.close_and_unlink()
+            if close_listeners:
+                self._drain_backlog()
+                for listener in self.listeners:
+                    listener.close_and_unlink()
             if not immediate:
                 self._term_at = time.monotonic() + self.settings.graceful_timeout
                 logger.info(

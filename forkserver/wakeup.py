@@ -12,8 +12,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from types import FrameType
-from typing import Any
+
+# typing stays out of the serving parent: only the type checker reads these.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import FrameType
+    from typing import Any
 
 __all__ = ["HANDLED_SIGNALS", "Wakeup"]
 
@@ -81,11 +85,12 @@ class Wakeup:
             pass  # the pipe is full, so the loop is going to wake anyway
 
     def drain(self) -> None:
+        """Empty the pipe; call when select() reported it readable."""
         try:
-            while os.read(self.rfd, 4096):
+            while len(os.read(self.rfd, 65536)) == 65536:
                 pass
         except BlockingIOError:
-            pass
+            pass  # it held exactly a multiple of 64 KiB
 
     def restore_signals(self) -> None:
         if not self.signals_installed:

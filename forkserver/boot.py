@@ -1,0 +1,129 @@
+"""Re-executing into a lean parent: what crosses exec(), and the lean side's start.
+
+Every page the serving parent holds is copied into page tables at each fork
+and torn down at each child's exit, so the parent's size is paid once per
+connection.  The command line needs argparse, tomllib and the settings
+machinery only to start: once the config is valid and the listeners are
+bound, ``cli.main()`` re-executes ``python -m forkserver`` with the same
+arguments (same pid) and passes, in the environment:
+
+* ``FORKSERVER_BOOT``: the settings, ``sys.path`` and, for each listener,
+  its fd (inherited across exec) and Unix socket file identity, as hex of
+  :mod:`marshal` data (built in, so reading it imports nothing; the reader is
+  the same interpreter binary, so the format matches).
+
+The new image sees the variable, skips all parsing and runs the parent loop
+with only what serving needs imported (measured: 4 MB less anonymous memory
+than the CLI's image, ``bench/fork_cost.py``).
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import sys
+from types import SimpleNamespace
+
+from . import log
+from .errors import ConfigError
+from .listeners import Listener
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from .config import Settings
+
+__all__ = ["BOOT_ENV", "exec_lean_parent", "lean_main"]
+
+BOOT_ENV = "FORKSERVER_BOOT"
+
+
+def exec_lean_parent(
+    settings: Settings, source: str, listeners: Sequence[Listener], argv: list[str]
+) -> None:
+    """Replace this process with a lean parent; never returns.
+
+    *source* names where the settings came from, for error messages."""
+    import dataclasses
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    state = {
+        "settings": dataclasses.asdict(settings),
+        "source": source,
+        "path": [root, *sys.path],
+        "listeners": [lis.inherit() for lis in listeners],
+    }
+    os.environ[BOOT_ENV] = marshal.dumps(state).hex()
+    # Keep the interpreter's own flags (-X dev, -W ...), as multiprocessing does.
+    flags = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
+    if not _site_needed():
+        flags.append("-S")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # -c, not -m: runpy and importlib.util would be the parent's largest imports.
+    boot = (
+        f"import sys; sys.path.insert(0, {root!r}); "
+        "from forkserver.cli import main; raise SystemExit(main())"
+    )
+    os.execv(sys.executable, [sys.executable, *flags, "-c", boot, *argv])
+
+
+# Import hooks that site installs which the lean parent can do without:
+# setuptools' distutils shim, and forkserver's own editable-install finder
+# (its package root is put on sys.path instead).
+_STANDARD_FINDERS = ("BuiltinImporter", "FrozenImporter", "PathFinder", "DistutilsMetaFinder")
+
+
+def _site_needed() -> bool:
+    """Whether the lean parent must run site: only when some import hook
+    (an editable install's finder, say) is needed to find the handler.  Without
+    site (-S) the parent is ~2 MB smaller: site's .pth files import pathlib,
+    re and urllib in an editable install."""
+    for finder in sys.meta_path:
+        name = getattr(finder, "__name__", type(finder).__name__)
+        module = getattr(finder, "__module__", "") or ""
+        if name in _STANDARD_FINDERS or module.startswith("__editable___forkserver_"):
+            continue
+        return True
+    return False
+
+
+def _restore_site_builtins() -> None:
+    """exit() and quit() come from site; a handler may call them."""
+    import builtins
+
+    if not hasattr(builtins, "exit"):
+        import _sitebuiltins
+
+        builtins.exit = _sitebuiltins.Quitter("exit", "Ctrl-D (i.e. EOF)")
+        builtins.quit = _sitebuiltins.Quitter("quit", "Ctrl-D (i.e. EOF)")
+
+
+def lean_main(blob: str) -> int:
+    """The re-executed parent: adopt the listeners, import the handler, serve."""
+    from .handlers import import_handler
+    from .server import Server
+
+    state = marshal.loads(bytes.fromhex(blob))
+    sys.path[:] = state["path"]
+    _restore_site_builtins()
+    settings: Settings = SimpleNamespace(**state["settings"])  # type: ignore[assignment]
+    listeners = [Listener.adopt(**info) for info in state["listeners"]]
+    log.setup(settings.log_level)
+    try:
+        handler = import_handler(settings.handler, state["source"])
+    except ConfigError as exc:
+        print(f"forkserver: {exc}", file=sys.stderr)
+        for listener in listeners:
+            listener.close_and_unlink()
+        return 2
+    # If the handler module brought in stdlib logging, route through it.
+    log.setup(settings.log_level)
+    server = Server.from_settings(settings, handler, listeners)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
