@@ -16,14 +16,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import ConfigError
+
 __all__ = ["ConfigError", "Settings", "load", "reference_table"]
 
 TABLE = "server"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-
-
-class ConfigError(Exception):
-    """A setting is missing, unknown or out of range; the message says which."""
 
 
 def _setting(
@@ -90,8 +88,9 @@ class Settings:
     )
     graceful_timeout: float = _setting(
         30.0,
-        "Seconds that running children get to finish after SIGTERM/SIGINT before they "
-        "are sent SIGTERM.",
+        "Seconds that running children get to finish after SIGTERM or SIGINT to the "
+        "parent before they are sent SIGTERM. (Ctrl-C in a terminal signals the "
+        "children too: send SIGTERM to the parent for a graceful stop.)",
         cli="--graceful-timeout",
         min=0,
         max=86400,
@@ -169,7 +168,9 @@ def _show(value: Any) -> str:
 def _check(f: dataclasses.Field[Any], value: Any, name: str) -> Any:
     """Validate and normalise one value, or raise ConfigError naming the key."""
     kind = _FIELD_TYPES[f.name]
-    bad = ConfigError(f"{TABLE}.{name} must be {_describe(f)}, got {_show(value)}")
+    octal = name == "unix_mode" and type(value) is int and value >= 0
+    shown = f"0o{value:o}" if octal else _show(value)
+    bad = ConfigError(f"{TABLE}.{name} must be {_describe(f)}, got {shown}")
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
