@@ -184,7 +184,11 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
     for server in started:
         server.kill_group()
     for server in started:
-        leftovers = group_members(server.pid)
+        # SIGKILL is asynchronous: give the group a moment to finish dying
+        # before calling anything still in it a leak.
+        deadline = time.monotonic() + 5
+        while (leftovers := group_members(server.pid)) and time.monotonic() < deadline:
+            time.sleep(0.02)
         for p in leftovers:
             p.kill()
         assert not leftovers, f"processes outlived the test: {leftovers}"
@@ -245,3 +249,119 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or predicate}")
         time.sleep(0.02)
+
+
+# --- generic client helpers (used by test_server.py / test_listeners.py) ---
+
+
+def connect(address: Any, timeout: float = 10.0) -> socket.socket:
+    """A connected client socket (TCP v4/v6 tuple or Unix path) with a timeout."""
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    if isinstance(address, tuple) and ":" in address[0]:
+        family = socket.AF_INET6
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def recv_until(sock: socket.socket, delimiter: bytes, limit: int = 1 << 16) -> bytes:
+    """Read until *delimiter* has arrived; returns everything read (bounded by *limit*)."""
+    data = b""
+    while delimiter not in data:
+        if len(data) > limit:
+            raise AssertionError(f"no {delimiter!r} in the first {len(data)} bytes: {data[:80]!r}")
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise AssertionError(f"EOF before {delimiter!r}; got {data!r}")
+        data += chunk
+    return data
+
+
+def recv_to_eof(sock: socket.socket, timeout: float = 20.0) -> bytes:
+    """Read until the peer closes; each recv is bounded by the socket's timeout."""
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        data = sock.recv(1 << 20)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+    raise AssertionError(f"no EOF within {timeout}s")
+
+
+def accept_queue_length(port: int) -> int:
+    """Connections waiting in the accept queue of the TCP listener on *port*.
+
+    For a listening socket, the rx_queue column of /proc/net/tcp{,6} is the
+    number of established connections not yet accepted.
+    """
+    total = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fp:
+                rows = fp.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            local, state, queues = fields[1], fields[3], fields[4]
+            if state == "0A" and int(local.rpartition(":")[2], 16) == port:
+                total += int(queues.partition(":")[2], 16)
+    return total
+
+
+def zombie_children(server: ServerProcess) -> list[psutil.Process]:
+    """The server's children that have exited but were not reaped."""
+    found = []
+    for child in server.children():
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                found.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+# --- generic helpers (used by test_config.py / test_cli.py / test_handlers.py) ---
+
+
+def run_forkserver(
+    *args: str, cwd: Path, timeout: float = 20.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m forkserver ARGS`` to completion, for runs that must not serve.
+
+    Same environment as ``start_server`` (``tests.*`` importable).  A run that
+    wrongly starts serving is killed at *timeout* and fails the test.
+    """
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "forkserver", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def occupy_port() -> socket.socket:
+    """A socket listening on 127.0.0.1 at a kernel-chosen port, so that port is taken.
+
+    Use as ``with occupy_port() as sock: port = sock.getsockname()[1]``.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+    except OSError:
+        sock.close()
+        raise
+    return sock

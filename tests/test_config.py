@@ -1,0 +1,381 @@
+"""forkserver/config.py: Settings, load() and the reference table; bad configs via the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from forkserver.config import ConfigError, Settings, load, reference_table
+from tests.conftest import run_forkserver
+
+# -- Settings ---------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    assert dataclasses.asdict(Settings()) == {
+        "host": ("127.0.0.1",),
+        "port": 8000,
+        "unix": (),
+        "unix_mode": 0o666,
+        "backlog": 128,
+        "handler": "",
+        "max_children": 1024,
+        "graceful_timeout": 30.0,
+        "kill_timeout": 5.0,
+        "log_level": "info",
+    }
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("port", -1, "server.port must be an integer 0-65535, got -1"),
+        ("port", 65536, "server.port must be an integer 0-65535, got 65536"),
+        ("port", "80", 'server.port must be an integer 0-65535, got "80"'),
+        ("port", True, "server.port must be an integer 0-65535, got true"),
+        ("port", 80.0, "server.port must be an integer 0-65535, got 80.0"),
+        ("port", None, "server.port must be an integer 0-65535, got None"),
+        ("backlog", 0, "server.backlog must be an integer 1-65535, got 0"),
+        ("max_children", 0, "server.max_children must be an integer 1-100000, got 0"),
+        ("unix_mode", -1, "server.unix_mode must be an integer 0o000-0o777, got -1"),
+        ("graceful_timeout", -0.5, "server.graceful_timeout must be a number 0-86400, got -0.5"),
+        (
+            "graceful_timeout",
+            float("inf"),
+            "server.graceful_timeout must be a number 0-86400, got inf",
+        ),
+        ("kill_timeout", False, "server.kill_timeout must be a number 0-3600, got false"),
+        ("host", 5, "server.host must be a string or a list of strings, got 5"),
+        ("host", ["::1", 6], "server.host must be a string or a list of strings, got ['::1', 6]"),
+        ("unix", None, "server.unix must be a string or a list of strings, got None"),
+        ("handler", 3, "server.handler must be a string, got 3"),
+        (
+            "log_level",
+            "verbose",
+            'server.log_level must be one of "debug", "info", "warning", "error", "critical", '
+            'got "verbose"',
+        ),
+    ],
+)
+def test_bad_value_raises_config_error_naming_key_value_and_expectation(
+    key: str, value: Any, message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings(**{key: value})
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "stored"),
+    [
+        ("host", "::1", ("::1",)),
+        ("host", ["127.0.0.1", "::1"], ("127.0.0.1", "::1")),
+        ("host", [], ()),
+        ("unix", "/run/app.sock", ("/run/app.sock",)),
+        ("port", 0, 0),
+        ("port", 65535, 65535),
+        ("unix_mode", 0o777, 0o777),
+        ("graceful_timeout", 5, 5.0),
+        ("graceful_timeout", 0, 0.0),
+        ("kill_timeout", 2.5, 2.5),
+        ("log_level", "DEBUG", "debug"),
+    ],
+)
+def test_good_value_is_normalised(key: str, value: Any, stored: Any) -> None:
+    got = getattr(Settings(**{key: value}), key)
+    assert got == stored
+    assert type(got) is type(stored)
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.port = 1  # type: ignore[misc]
+
+
+def test_from_mapping_rejects_unknown_key_naming_source_and_known_keys() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_mapping({"port": 1, "prot": 2}, "app.toml")
+    assert str(caught.value) == (
+        "app.toml: unknown key server.prot (known keys: backlog, graceful_timeout, handler, "
+        "host, kill_timeout, log_level, max_children, port, unix, unix_mode)"
+    )
+
+
+def test_from_mapping_prefixes_value_errors_with_source() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_mapping({"port": "abc"}, "conf/echo.toml")
+    assert str(caught.value) == 'conf/echo.toml: server.port must be an integer 0-65535, got "abc"'
+
+
+def test_replace_checks_new_values_and_names_source() -> None:
+    settings = Settings(port=1)
+    assert settings.replace("command line", port=2, host="::1") == Settings(port=2, host=("::1",))
+    assert settings.port == 1
+    with pytest.raises(ConfigError) as caught:
+        settings.replace("command line", port=99999)
+    assert str(caught.value) == ("command line: server.port must be an integer 0-65535, got 99999")
+
+
+def test_load_reads_every_key(tmp_path: Path) -> None:
+    path = tmp_path / "full.toml"
+    path.write_text(
+        "[server]\n"
+        'host = ["127.0.0.1", "::1"]\n'
+        "port = 7000\n"
+        'unix = "/tmp/app.sock"\n'
+        "unix_mode = 0o660\n"
+        "backlog = 64\n"
+        'handler = "pkg.mod:Handler"\n'
+        "max_children = 8\n"
+        "graceful_timeout = 2\n"
+        "kill_timeout = 0.5\n"
+        'log_level = "WARNING"\n'
+    )
+    assert load(str(path)) == Settings(
+        host=("127.0.0.1", "::1"),
+        port=7000,
+        unix=("/tmp/app.sock",),
+        unix_mode=0o660,
+        backlog=64,
+        handler="pkg.mod:Handler",
+        max_children=8,
+        graceful_timeout=2.0,
+        kill_timeout=0.5,
+        log_level="warning",
+    )
+
+
+def test_load_of_empty_file_gives_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "empty.toml"
+    path.write_text("# nothing set\n")
+    assert load(str(path)) == Settings()
+
+
+def _table_rows() -> list[list[str]]:
+    lines = reference_table().splitlines()
+    assert lines[:2] == ["| key | default | flag | meaning |", "| --- | --- | --- | --- |"]
+    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines[2:]]
+
+
+def test_reference_table_lists_every_field_exactly_once_in_order() -> None:
+    keys = [row[0] for row in _table_rows()]
+    assert keys == [f"`{f.name}`" for f in dataclasses.fields(Settings)]
+
+
+def test_reference_table_rows_say_default_flag_and_expectation() -> None:
+    rows = {row[0].strip("`"): row for row in _table_rows()}
+    assert rows["port"][1:3] == ["`8000`", "`--port`"]
+    assert rows["handler"][1] == "(required)"
+    assert rows["unix_mode"][1:3] == ["`0o666`", ""]
+    for key, row in rows.items():
+        assert len(row) == 4, key
+        assert "Expects " in row[3], key
+
+
+# -- bad configs through the real CLI -----------------------------------------
+
+
+@dataclass(frozen=True)
+class Bad:
+    """A bad config file: its bytes and the fragments the one error line must contain."""
+
+    body: bytes | None  # None: no file at the path
+    says: tuple[str, ...]
+    make: Callable[[Path], None] | None = None  # builds the path instead of writing body
+    skip_as_root: bool = False
+
+
+def _directory(path: Path) -> None:
+    path.mkdir()
+
+
+def _unreadable(path: Path) -> None:
+    path.write_bytes(_server())
+    path.chmod(0)
+
+
+def _server(*lines: str) -> bytes:
+    """A good [server] table (loopback, port 0, echo) with *lines* ("key = value") replacing
+    or adding keys, so that each case has exactly one thing wrong."""
+    values = {
+        "host": '"127.0.0.1"',
+        "port": "0",
+        "handler": '"forkserver.examples.echo:EchoHandler"',
+    }
+    for line in lines:
+        key, _, value = line.partition(" = ")
+        values[key] = value
+    return ("[server]\n" + "".join(f"{k} = {v}\n" for k, v in values.items())).encode()
+
+
+def _handler(spec: str) -> bytes:
+    return _server(f'handler = "{spec}"')
+
+
+CASES: dict[str, Bad] = {
+    "unknown-key": Bad(
+        _server("prot = 8000"), ("unknown key server.prot", "known keys: backlog, graceful")
+    ),
+    "unknown-table": Bad(
+        _server() + b"[servers]\nport = 1\n",
+        ("unknown table or key 'servers'", "expected a [server] table"),
+    ),
+    "server-not-a-table": Bad(b"server = 5\n", ("server must be a table, got 5",)),
+    "port-string": Bad(
+        _server('port = "abc"'), ('server.port must be an integer 0-65535, got "abc"',)
+    ),
+    "port-too-big": Bad(
+        _server("port = 70000"), ("server.port must be an integer 0-65535, got 70000",)
+    ),
+    "port-negative": Bad(_server("port = -1"), ("server.port must be an integer 0-65535, got -1",)),
+    "port-bool": Bad(_server("port = true"), ("server.port must be an integer 0-65535, got true",)),
+    "backlog-0": Bad(_server("backlog = 0"), ("server.backlog must be an integer 1-65535, got 0",)),
+    "max_children-0": Bad(
+        _server("max_children = 0"), ("server.max_children must be an integer 1-100000, got 0",)
+    ),
+    "graceful_timeout-string": Bad(
+        _server('graceful_timeout = "soon"'),
+        ('server.graceful_timeout must be a number 0-86400, got "soon"',),
+    ),
+    "graceful_timeout-negative": Bad(
+        _server("graceful_timeout = -1"),
+        ("server.graceful_timeout must be a number 0-86400, got -1",),
+    ),
+    "graceful_timeout-nan": Bad(
+        _server("graceful_timeout = nan"),
+        ("server.graceful_timeout must be a number 0-86400, got nan",),
+    ),
+    "log_level-unknown": Bad(
+        _server('log_level = "loud"'),
+        (
+            'server.log_level must be one of "debug", "info", "warning", "error", "critical"',
+            '"loud"',
+        ),
+    ),
+    "host-int": Bad(
+        _server("host = 5"), ("server.host must be a string or a list of strings, got 5",)
+    ),
+    "host-list-of-ints": Bad(
+        _server("host = [1, 2]"), ("server.host must be a string or a list of strings, got [1, 2]",)
+    ),
+    "no-listener": Bad(_server("host = []"), ("no listener: host and unix are", "empty")),
+    "unix_mode-too-big": Bad(
+        _server("unix_mode = 0o1777"),
+        ("server.unix_mode must be an integer 0o000-0o777, got 0o1777",),
+    ),
+    "handler-missing": Bad(
+        b'[server]\nhost = "127.0.0.1"\nport = 0\n',
+        ('server.handler is required (e.g. handler = "module:attr")',),
+    ),
+    "handler-no-colon": Bad(
+        _handler("nocolon"),
+        ('server.handler must be "module:attr", got "nocolon"',),
+    ),
+    "handler-no-module": Bad(
+        _handler("no_such_module_xyz:App"),
+        ("server.handler: no module named 'no_such_module_xyz'", '"no_such_module_xyz:App"'),
+    ),
+    "handler-no-attribute": Bad(
+        _handler("forkserver.examples.echo:Missing"),
+        ("server.handler: module 'forkserver.examples.echo' has no attribute 'Missing'",),
+    ),
+    "handler-not-callable": Bad(
+        _handler("forkserver.examples.echo:BUFSIZE"),
+        ('server.handler: "forkserver.examples.echo:BUFSIZE" is a', "not a class or function"),
+    ),
+    "handler-module-raises": Bad(
+        _handler("tests.broken_handler_module:Handler"),
+        (
+            "server.handler: importing 'tests.broken_handler_module' failed: "
+            "RuntimeError: broken_handler_module refuses to load",
+        ),
+    ),
+    "invalid-toml": Bad(
+        b'[server]\nport = \nhandler = "x:y"\n', ("invalid TOML: Invalid value (at line 2",)
+    ),
+    "not-utf8": Bad(
+        _server() + b"# caf\xe9 \xff\n", ("invalid TOML: 'utf-8' codec can't decode byte 0xe9",)
+    ),
+    "file-missing": Bad(None, ("cannot read config: No such file or directory",)),
+    "file-is-a-directory": Bad(None, ("cannot read config: Is a directory",), make=_directory),
+    "file-unreadable": Bad(
+        None, ("cannot read config: Permission denied",), make=_unreadable, skip_as_root=True
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    path: Path
+    result: subprocess.CompletedProcess[str]
+
+
+@pytest.fixture(scope="module")
+def rejected(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Run]:
+    """Runs the CLI on a case once per module; the three tests below share the run."""
+    runs: dict[str, Run] = {}
+    workdir = tmp_path_factory.mktemp("bad-configs")
+
+    def run(name: str) -> Run:
+        if name not in runs:
+            case = CASES[name]
+            path = workdir / f"{name}.toml"
+            if case.make is not None:
+                case.make(path)
+            elif case.body is not None:
+                path.write_bytes(case.body)
+            runs[name] = Run(path, run_forkserver("--config", str(path), cwd=workdir, timeout=10))
+        return runs[name]
+
+    return run
+
+
+def _params() -> list[Any]:
+    params = []
+    for name, case in CASES.items():
+        marks: list[pytest.MarkDecorator] = []
+        if case.skip_as_root:
+            marks.append(
+                pytest.mark.skipif(
+                    os.geteuid() == 0, reason="root reads a chmod 000 file; needs a normal user"
+                )
+            )
+        params.append(pytest.param(name, id=name, marks=marks))
+    return params
+
+
+@pytest.mark.parametrize("name", _params())
+def test_bad_config_exits_2_with_one_line_and_starts_nothing(
+    name: str, rejected: Callable[[str], Run]
+) -> None:
+    result = rejected(name).result
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert "listening on" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("forkserver: ")
+
+
+@pytest.mark.parametrize("name", _params())
+def test_bad_config_message_names_key_value_and_expectation(
+    name: str, rejected: Callable[[str], Run]
+) -> None:
+    stderr = rejected(name).result.stderr
+    for fragment in CASES[name].says:
+        assert fragment in stderr
+
+
+@pytest.mark.parametrize("name", _params())
+def test_bad_config_message_names_the_file(name: str, rejected: Callable[[str], Run]) -> None:
+    run = rejected(name)
+    assert run.result.stderr.startswith(f"forkserver: {run.path}: ")
