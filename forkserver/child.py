@@ -13,7 +13,6 @@ logged with the peer), N for ``sys.exit(N)``.
 from __future__ import annotations
 
 import _signal  # the C module behind signal: see the note in serve_connection
-import contextlib
 import os
 import socket
 import sys
@@ -24,7 +23,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
     from typing import Any, NoReturn
 
-__all__ = ["serve_connection"]
+__all__ = ["detach_from_parent", "leave", "serve", "serve_connection"]
 
 
 def _close_connection(conn: socket.socket) -> None:
@@ -38,6 +37,60 @@ def _close_connection(conn: socket.socket) -> None:
     conn.close()
 
 
+def detach_from_parent(parent_fds: Iterable[int], signals: tuple[int, ...]) -> None:
+    """Let go of the parent's state: its signal handlers and its descriptors.
+
+    *signals* are the parent's handled signals, blocked across fork: they get
+    SIG_DFL back before they are unblocked, so the parent's handlers never
+    run here.
+    """
+    if signals:
+        # _signal, not signal: signal.py's wrappers turn every argument and
+        # result into an enum member, and that machinery touches (so copies)
+        # ~100 shared pages in each child: half a fork's cost.
+        _signal.set_wakeup_fd(-1)
+        for signum in signals:
+            _signal.signal(signum, _signal.SIG_DFL)
+        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, signals)
+    for parent_fd in parent_fds:
+        try:
+            os.close(parent_fd)
+        except OSError:
+            pass  # already closed
+
+
+def serve(
+    fd: int,
+    family: int,
+    peer: Any,
+    run: Callable[[socket.socket, Any], None],
+    on_error: Callable[[socket.socket, Any], None],
+) -> int:
+    """Run the handler on connection *fd*, close it; returns the exit status."""
+    conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+    try:
+        run(conn, peer)
+        return 0
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        on_error(conn, peer)
+        return 1
+    finally:
+        _close_connection(conn)
+
+
+def leave(status: int) -> NoReturn:
+    """End the child: never return into the parent's loop, never run its atexit."""
+    # Flush what the handler print()ed: os._exit skips interpreter cleanup.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass  # a closed or broken stream: nothing more can be said
+    os._exit(status)
+
+
 def serve_connection(
     fd: int,
     family: int,
@@ -47,39 +100,10 @@ def serve_connection(
     run: Callable[[socket.socket, Any], None],
     on_error: Callable[[socket.socket, Any], None],
 ) -> NoReturn:
-    """Become the child for connection *fd*; never returns.
-
-    *signals* are the parent's handled signals, blocked across fork: they get
-    SIG_DFL back before they are unblocked, so the parent's handlers never
-    run here.
-    """
+    """Become the child for connection *fd* (forked on accept); never returns."""
     status = 1
     try:
-        # Parent-only state first, before any user code can trip over it.
-        if signals:
-            # _signal, not signal: signal.py's wrappers turn every argument and
-            # result into an enum member, and that machinery touches (so
-            # copies) ~100 shared pages in each child: half a fork's cost.
-            _signal.set_wakeup_fd(-1)
-            for signum in signals:
-                _signal.signal(signum, _signal.SIG_DFL)
-            _signal.pthread_sigmask(_signal.SIG_UNBLOCK, signals)
-        for parent_fd in parent_fds:
-            with contextlib.suppress(OSError):
-                os.close(parent_fd)
-        conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
-        try:
-            run(conn, peer)
-            status = 0
-        except SystemExit as exc:
-            status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        except BaseException:
-            on_error(conn, peer)
-        finally:
-            _close_connection(conn)
+        detach_from_parent(parent_fds, signals)  # before any user code runs
+        status = serve(fd, family, peer, run, on_error)
     finally:
-        # Flush what the handler print()ed: os._exit skips interpreter cleanup.
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(status)
+        leave(status)

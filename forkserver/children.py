@@ -40,6 +40,8 @@ class Child:
 
     @property
     def peer_text(self) -> str:
+        if self.peer is None:
+            return "(a spare, before any connection)"
         return format_address(self.family, self.peer)
 
 
@@ -76,6 +78,9 @@ class ChildTable:
 
     def add(self, child: Child) -> None:
         self._children[child.pid] = child
+
+    def get(self, pid: int) -> Child | None:
+        return self._children.get(pid)
 
     def pidfds(self) -> list[int]:
         return [c.pidfd for c in self._children.values() if c.pidfd >= 0]

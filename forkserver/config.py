@@ -86,6 +86,16 @@ class Settings:
         min=1,
         max=100_000,
     )
+    spare_children: int = _setting(
+        0,
+        "Pre-forked one-shot children kept waiting in accept(), so that no connection "
+        "waits for a fork: each still serves exactly one connection, and the parent "
+        "forks its replacement meanwhile. 0 forks on accept. Counts toward "
+        "`max_children`.",
+        cli="--spare-children",
+        min=0,
+        max=100_000,
+    )
     graceful_timeout: float = _setting(
         30.0,
         "Seconds that running children get to finish after SIGTERM or SIGINT to the "
@@ -107,6 +117,11 @@ class Settings:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             object.__setattr__(self, f.name, _check(f, value, f.name))
+        if self.spare_children > self.max_children:
+            raise ConfigError(
+                f"{TABLE}.spare_children must be at most max_children ({self.max_children}), "
+                f"got {self.spare_children}"
+            )
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str) -> Settings:

@@ -14,6 +14,7 @@ import _thread
 import errno
 import gc
 import os
+import select
 import selectors
 import signal
 import time
@@ -26,6 +27,7 @@ from .child import serve_connection
 from .children import Child, ChildTable
 from .handlers import import_handler, is_handler_class
 from .listeners import Listener, format_address, open_listeners
+from .pool import BUSY_RECORD, decode_busy, run_spare
 from .wakeup import HANDLED_SIGNALS, Wakeup
 
 # typing stays out of the serving parent: only the type checker reads these.
@@ -45,6 +47,10 @@ _SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 # Out of descriptors or kernel memory: pause accepting briefly, then retry.
 _BACKOFF_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 BACKOFF_SECONDS = 0.1
+_BUSY_PIPE = "busy-pipe"  # selector data for the pool's busy pipe
+# Read whole records only: records are written atomically, so a read whose
+# size is a multiple of the record size never splits one.
+_BUSY_READ = BUSY_RECORD.size * 2048
 LOG_INTERVAL = 10.0  # at most one log line per interval for repeating faults
 
 
@@ -124,7 +130,7 @@ class Server:
         self.accepted = 0
         self.fork_failures = 0
         self._wakeup: Wakeup | None = None
-        self._selector: selectors.BaseSelector | None = None
+        self._selector: selectors.EpollSelector | None = None
         self._listening = False
         self._stopping = False
         self._shutdown_request = False
@@ -140,6 +146,11 @@ class Server:
         self._pidfd_mode = False
         self._accept_log = _Throttle(LOG_INTERVAL)
         self._fork_log = _Throttle(LOG_INTERVAL)
+        # The pool of spares (spare_children > 0); see pool.py.
+        self._pool = settings.spare_children > 0
+        self._idle: set[int] = set()  # pids of spares still waiting to accept
+        self._busy_r = self._busy_w = self._retire_r = self._retire_w = -1
+        self._close_when_retired = False
 
     # -- socketserver-compatible surface ---------------------------------
 
@@ -207,7 +218,7 @@ class Server:
 
     def _serve(self) -> None:
         self._wakeup = wakeup = Wakeup()
-        self._selector = selector = selectors.DefaultSelector()
+        self._selector = selector = selectors.EpollSelector()  # Linux: pidfd, EPOLLEXCLUSIVE
         self._serving = True
         try:
             selector.register(wakeup.rfd, selectors.EVENT_READ, None)
@@ -218,12 +229,12 @@ class Server:
                     self._pidfd_mode = True
                 else:
                     self._poll_interval = 0.5
-            self._parent_fds = [
-                wakeup.rfd,
-                wakeup.wfd,
-                selector.fileno(),
-                *(lis.fileno() for lis in self.listeners),
-            ]
+            if self._pool:
+                self._busy_r, self._busy_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+                self._retire_r, self._retire_w = os.pipe2(os.O_CLOEXEC)
+                selector.register(self._busy_r, selectors.EVENT_READ, _BUSY_PIPE)
+                self._busy_poll = select.poll()
+                self._busy_poll.register(self._busy_r, select.POLLIN)
             self._signals_to_reset = (
                 tuple(int(s) for s in HANDLED_SIGNALS) if wakeup.signals_installed else ()
             )
@@ -238,10 +249,11 @@ class Server:
             for listener in self.listeners:
                 logger.info("listening on %s", listener.name)
             logger.info(
-                "forkserver ready: pid %d, handler %s, max_children %d",
+                "forkserver ready: pid %d, handler %s, max_children %d, spare_children %d",
                 os.getpid(),
                 _handler_name(self.RequestHandlerClass),
                 self.settings.max_children,
+                self.settings.spare_children,
             )
             self._loop(selector, wakeup)
         finally:
@@ -251,12 +263,17 @@ class Server:
             self._stopping = self._shutdown_request = False
             self._term_at = self._kill_at = self._resume_at = None
             self._listening = False
+            self._close_when_retired = False
+            for fd in (self._busy_r, self._busy_w, self._retire_r, self._retire_w):
+                if fd >= 0:
+                    os.close(fd)
+            self._busy_r = self._busy_w = self._retire_r = self._retire_w = -1
             selector.close()
             wakeup.close()
             self._wakeup = self._selector = None
             gc.unfreeze()
 
-    def _loop(self, selector: selectors.BaseSelector, wakeup: Wakeup) -> None:
+    def _loop(self, selector: selectors.EpollSelector, wakeup: Wakeup) -> None:
         while True:
             if wakeup.pending:
                 for signum in wakeup.take_signals():
@@ -278,6 +295,8 @@ class Server:
                     wakeup.drain()
                 elif isinstance(data, Listener):
                     self._accept(data)
+                elif data is _BUSY_PIPE:
+                    self._read_busy()
                 else:  # a child's pidfd became readable: it has exited
                     self._reap_pidfd(data)
             if self._poll_interval is not None:
@@ -351,18 +370,35 @@ class Server:
         self._pause_listening()
         self._resume_at = time.monotonic() + BACKOFF_SECONDS
 
-    def _spawn(self, fd: int, family: int, peer: Any) -> None:
-        # Signals stay blocked across fork so the child cannot run the
-        # parent's handlers before it has put back the default dispositions.
+    def _fork(self) -> int:
+        """os.fork() with the handled signals blocked across it, so the child
+        cannot run the parent's handlers before it has put back the default
+        dispositions (it unblocks them itself).  Raises OSError."""
         blocked = self._signals_to_reset
         if blocked:
             _signal.pthread_sigmask(_signal.SIG_BLOCK, blocked)
         try:
             pid = os.fork()
-        except OSError as exc:
+        except OSError:
             if blocked:
                 _signal.pthread_sigmask(_signal.SIG_UNBLOCK, blocked)
-            self._fork_failed(fd, family, peer, exc)
+            raise
+        if pid and blocked:
+            _signal.pthread_sigmask(_signal.SIG_UNBLOCK, blocked)
+        return pid
+
+    def _track(self, child: Child) -> None:
+        self.children.add(child)
+        if self._pidfd_mode:
+            self._watch_pidfd(child)
+
+    def _spawn(self, fd: int, family: int, peer: Any) -> None:
+        """Fork a child for accepted connection *fd*."""
+        try:
+            pid = self._fork()
+        except OSError as exc:
+            os.close(fd)
+            self._fork_failed(exc, f"closed the connection from {format_address(family, peer)}")
             return
         if pid == 0:
             serve_connection(
@@ -370,37 +406,111 @@ class Server:
                 family,
                 peer,
                 self._child_closes(),
-                blocked,
+                self._signals_to_reset,
                 self.finish_request,
                 self.handle_error,
             )
-        if blocked:
-            _signal.pthread_sigmask(_signal.SIG_UNBLOCK, blocked)
         # close() only drops a reference: if the parent kept its copy, the
         # client would never see EOF when the child is done.
         os.close(fd)
-        child = Child(pid, family, peer, time.monotonic())
-        self.children.add(child)
-        if self._pidfd_mode:
-            self._watch_pidfd(child)
+        self._track(Child(pid, family, peer, time.monotonic()))
+
+    def _spawn_spare(self) -> bool:
+        """Fork a spare that will accept one connection itself (pool.py)."""
+        try:
+            pid = self._fork()
+        except OSError as exc:
+            self._fork_failed(exc, "no spare started")
+            return False
+        if pid == 0:
+            run_spare(
+                self.listeners,
+                self._retire_r,
+                self._busy_w,
+                self._spare_closes(),
+                self._signals_to_reset,
+                self.finish_request,
+                self.handle_error,
+            )
+        self._track(Child(pid, 0, None, time.monotonic()))
+        self._idle.add(pid)
+        return True
+
+    def _fill_pool(self) -> None:
+        """Fork spares until spare_children wait idle (within max_children)."""
+        spares, limit = self.settings.spare_children, self.settings.max_children
+        while (
+            len(self._idle) < spares
+            and len(self.children) < limit
+            and not self._stopping
+            and self._resume_at is None
+        ):
+            if not self._spawn_spare():
+                return
+
+    def _read_busy(self) -> None:
+        """Spares that accepted a connection: note whom they serve, replace them."""
+        try:
+            data = os.read(self._busy_r, _BUSY_READ)
+        except BlockingIOError:
+            return
+        now = time.monotonic()
+        for pid, family, peer in decode_busy(data):
+            self.accepted += 1
+            self._idle.discard(pid)
+            child = self.children.get(pid)
+            if child is not None:
+                child.family, child.peer, child.started = family, peer, now
+        self._fill_pool()
+
+    # Which fds a new child closes is read from the live state, in the child,
+    # never from a list kept since start: a closed fd's number is reused by
+    # the next accept(), and closing it by its old name would cut a client off.
+
+    def _spare_closes(self) -> Iterator[int]:
+        """The fds a new spare must not keep (it keeps the shared ones)."""
+        yield from self._private_fds()
+        yield from self._other_children_fds()
 
     def _child_closes(self) -> Iterator[int]:
-        """Every fd the parent holds that a new child must not keep."""
-        yield from self._parent_fds
+        """Every fd the parent holds that a child forked on accept must not keep."""
+        yield from self._private_fds()
+        yield from self._shared_fds()
+        yield from self._other_children_fds()
+
+    def _private_fds(self) -> Iterator[int]:
+        """Parent-only fds: no child keeps them."""
+        assert self._wakeup is not None and self._selector is not None
+        yield self._wakeup.rfd
+        yield self._wakeup.wfd
+        yield self._selector.fileno()
+        for fd in (self._busy_r, self._retire_w):
+            if fd >= 0:
+                yield fd
+
+    def _shared_fds(self) -> Iterator[int]:
+        """Fds a spare keeps until it has accepted (pool.py)."""
+        for listener in self.listeners:
+            if not listener.closed:
+                yield listener.fileno()
+        for fd in (self._busy_w, self._retire_r):
+            if fd >= 0:
+                yield fd
+
+    def _other_children_fds(self) -> Iterator[int]:
         for queued in self._queued:  # other clients' connections, waiting at stop
             yield queued[0]
         if self._pidfd_mode:
             yield from self.children.pidfds()
 
-    def _fork_failed(self, fd: int, family: int, peer: Any, exc: OSError) -> None:
+    def _fork_failed(self, exc: OSError, consequence: str) -> None:
         self.fork_failures += 1
-        os.close(fd)
         if self._fork_log.ready():
             held = self._fork_log.take_suppressed()
             logger.error(
-                "fork() failed: %s; closed the connection from %s%s",
+                "fork() failed: %s; %s%s",
                 exc.strerror,
-                format_address(family, peer),
+                consequence,
                 f" ({held} more since the last report)" if held else "",
             )
         # EAGAIN/ENOMEM pass when children exit: give them a moment.
@@ -418,6 +528,9 @@ class Server:
             self._listening = False
 
     def _resume_listening(self) -> None:
+        if self._pool:  # spares accept, never the parent
+            self._fill_pool()
+            return
         if self._listening or self._stopping or self._selector is None:
             return
         if self._resume_at is not None or len(self.children) >= self.settings.max_children:
@@ -444,9 +557,19 @@ class Server:
     def _after_reap(self, gone: list[Child]) -> None:
         if not gone:
             return
+        if self._idle:
+            for child in gone:
+                self._idle.discard(child.pid)
         if self._stopping:
+            if self._close_when_retired and not self._idle:
+                self._close_when_retired = False
+                # Past graceful_timeout, nothing new is taken in.
+                self._close_listeners(drain=self._term_at is not None)
             while self._queued and len(self.children) < self.settings.max_children:
                 self._spawn(*self._queued.popleft())
+        elif self._pool:
+            self._resume_at = None
+            self._fill_pool()
         elif not self._listening:
             # A slot is free, and an exiting child may have freed descriptors
             # (ENFILE) or processes (fork's EAGAIN): try again now.
@@ -454,6 +577,10 @@ class Server:
             self._resume_listening()
 
     def handle_chld(self) -> None:
+        # A spare that served and exited quickly may have its busy record
+        # still unread: read it first, so the exit is logged with its peer.
+        if self._pool and self._busy_r >= 0 and self._busy_poll.poll(0):
+            self._read_busy()
         self._after_reap(self.children.reap())
 
     # -- stopping ------------------------------------------------------------
@@ -480,10 +607,18 @@ class Server:
         if not self._stopping:
             self._stopping = True
             self._pause_listening()
+            if self._retire_w >= 0:
+                # EOF on the retire pipe: every idle spare exits (pool.py).
+                os.close(self._retire_w)
+                self._retire_w = -1
             if close_listeners:
-                self._drain_backlog()
-                for listener in self.listeners:
-                    listener.close_and_unlink()
+                if self._idle and not immediate:
+                    # Keep the listeners until the spares have gone, so that
+                    # a connection arriving meanwhile waits in the backlog
+                    # (and is drained) instead of being reset.
+                    self._close_when_retired = True
+                else:
+                    self._close_listeners()
             if not immediate:
                 self._term_at = time.monotonic() + self.settings.graceful_timeout
                 logger.info(
@@ -492,10 +627,19 @@ class Server:
                     len(self.children) + len(self._queued),
                 )
         if immediate:
+            if self._close_when_retired:
+                self._close_when_retired = False
+                self._close_listeners(drain=False)
             logger.info("stopping now: killing %d children", len(self.children))
             self._term_at = None
             self._drop_queued("immediate stop")
             self.children.signal_all(signal.SIGKILL)
+
+    def _close_listeners(self, drain: bool = True) -> None:
+        if drain:
+            self._drain_backlog()
+        for listener in self.listeners:
+            listener.close_and_unlink()
 
     def _drain_backlog(self) -> None:
         """Take in connections the kernel already queued, so closing the

@@ -9,7 +9,6 @@ loop through the same pipe (``Server.shutdown()``).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 
@@ -104,5 +103,7 @@ class Wakeup:
     def close(self) -> None:
         self.restore_signals()
         for fd in (self.rfd, self.wfd):
-            with contextlib.suppress(OSError):
+            try:
                 os.close(fd)
+            except OSError:
+                pass  # already closed

@@ -144,7 +144,7 @@ def test_flags_override_the_config_file(start_server: StartServer) -> None:
         assert port not in (0, taken.getsockname()[1])
     assert re.search(
         r"forkserver ready: pid \d+, handler tests\.services:DebugEcho, "
-        r"max_children 3$",
+        r"max_children 3, spare_children 0$",
         server.log,
         re.M,
     )

@@ -27,6 +27,7 @@ def test_defaults() -> None:
         "backlog": 128,
         "handler": "",
         "max_children": 1024,
+        "spare_children": 0,
         "graceful_timeout": 30.0,
         "kill_timeout": 5.0,
         "log_level": "info",
@@ -94,6 +95,13 @@ def test_good_value_is_normalised(key: str, value: Any, stored: Any) -> None:
     assert type(got) is type(stored)
 
 
+def test_spare_children_cannot_exceed_max_children() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings(max_children=4, spare_children=5)
+    assert str(info.value) == "server.spare_children must be at most max_children (4), got 5"
+    assert Settings(max_children=4, spare_children=4).spare_children == 4
+
+
 def test_settings_are_frozen() -> None:
     settings = Settings()
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -105,7 +113,7 @@ def test_from_mapping_rejects_unknown_key_naming_source_and_known_keys() -> None
         Settings.from_mapping({"port": 1, "prot": 2}, "app.toml")
     assert str(caught.value) == (
         "app.toml: unknown key server.prot (known keys: backlog, graceful_timeout, handler, "
-        "host, kill_timeout, log_level, max_children, port, unix, unix_mode)"
+        "host, kill_timeout, log_level, max_children, port, spare_children, unix, unix_mode)"
     )
 
 
