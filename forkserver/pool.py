@@ -2,32 +2,31 @@
 
 With ``spare_children = N`` the parent keeps N children forked before any
 connection exists, so no connection waits for a fork.  Each spare is still
-used once: it accepts exactly one connection, serves it and exits, and the
-parent forks a fresh replacement.  A spare:
+used once: it serves exactly one connection and exits, and the parent forks a
+fresh replacement.  The parent still does every accept() and decides, before
+anything is forked, whether a connection is admitted; it then hands the
+connection to a spare:
 
-1. waits in its own epoll on the listeners, registered ``EPOLLEXCLUSIVE``
-   (the kernel wakes one waiter per connection, not every spare), and on the
-   read end of the parent's *retire pipe*;
-2. accepts one connection and writes a fixed-size record (its pid and the
-   peer's address) to the parent's *busy pipe*, so the parent can fork a
-   replacement and knows whom the child serves;
-3. closes the listeners and both pipes, and runs the handler like any child.
+1. the parent sends the connection's fd (``SCM_RIGHTS``) with the peer's
+   address over a ``SOCK_SEQPACKET`` socketpair, the *handoff socket*; every
+   idle spare waits in recvmsg() on the other end, and the kernel gives each
+   message to exactly one of them;
+2. the spare writes a fixed-size record (its pid and the peer) to the
+   parent's *busy pipe*, so the parent knows which child serves whom;
+3. the spare closes both and runs the handler like any child.
 
-The parent retires idle spares by closing the retire pipe's write end: every
-spare sees EOF and exits.  The kernel closes it too if the parent dies, so no
-orphaned spare keeps a listener (and the port) open.
+The parent retires idle spares by closing its end of the handoff socket:
+spares first take any connection still queued in it, then read EOF and exit.
+The kernel closes it too if the parent dies.  Spares never hold a listener.
 """
 
 from __future__ import annotations
 
-import errno
 import os
-import select
 import socket
 import struct
-import time
+import sys
 
-from . import log
 from .child import detach_from_parent, leave, serve
 
 TYPE_CHECKING = False
@@ -35,102 +34,81 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
     from typing import Any, NoReturn
 
-    from .listeners import Listener
+__all__ = ["BUSY_RECORD", "decode_busy", "encode_peer", "run_spare"]
 
-__all__ = ["BUSY_RECORD", "decode_busy", "run_spare", "wait_and_accept"]
-
-logger = log.get_logger(__name__)
-
-# pid, address family, port, address (IPv4 in the first 4 bytes, or IPv6).
-# 24 bytes: well under PIPE_BUF, so each record is written atomically.
-BUSY_RECORD = struct.Struct("=iHH16s")
-_RETRY_ERRNOS = frozenset({errno.EAGAIN, errno.ECONNABORTED, errno.EPROTO, errno.EINTR})
+# Address family, port, address (IPv4 in the first 4 bytes, or IPv6).
+PEER = struct.Struct("=HH16s")
+# The spare's pid, then the peer: well under PIPE_BUF, so written atomically.
+BUSY_RECORD = struct.Struct("=i" + PEER.format[1:])
+_FD_SPACE = socket.CMSG_SPACE(4)
 
 
-def encode_busy(pid: int, family: int, peer: Any) -> bytes:
+def encode_peer(family: int, peer: Any) -> bytes:
     if family == socket.AF_INET:
-        return BUSY_RECORD.pack(pid, family, peer[1], socket.inet_aton(peer[0]))
+        return PEER.pack(family, peer[1], socket.inet_aton(peer[0]))
     if family == socket.AF_INET6:
-        return BUSY_RECORD.pack(pid, family, peer[1], socket.inet_pton(family, peer[0]))
-    return BUSY_RECORD.pack(pid, family, 0, b"")
+        return PEER.pack(family, peer[1], socket.inet_pton(family, peer[0]))
+    return PEER.pack(family, 0, b"")
+
+
+def _decode_peer(family: int, port: int, raw: bytes) -> Any:
+    if family == socket.AF_INET:
+        return (socket.inet_ntoa(raw[:4]), port)
+    if family == socket.AF_INET6:
+        return (socket.inet_ntop(family, raw), port, 0, 0)
+    return ""
 
 
 def decode_busy(data: bytes) -> list[tuple[int, int, Any]]:
     """(pid, family, peer) for each whole record in *data*."""
-    out = []
-    for pid, family, port, raw in BUSY_RECORD.iter_unpack(data):
-        if family == socket.AF_INET:
-            peer: Any = (socket.inet_ntoa(raw[:4]), port)
-        elif family == socket.AF_INET6:
-            peer = (socket.inet_ntop(family, raw), port, 0, 0)
-        else:
-            peer = ""
-        out.append((pid, family, peer))
-    return out
+    return [
+        (pid, family, _decode_peer(family, port, raw))
+        for pid, family, port, raw in BUSY_RECORD.iter_unpack(data)
+    ]
 
 
-def wait_and_accept(
-    listeners: list[Listener], retire_fd: int, busy_fd: int
-) -> tuple[int, int, Any] | None:
-    """In a spare: wait for one connection and report it; None when retired.
+def receive_connection(handoff_fd: int, busy_fd: int) -> tuple[int, int, Any] | None:
+    """In a spare: wait for the parent to hand over a connection; None when retired.
 
-    Returns (fd, family, peer) with the listeners, the retire pipe and the
-    busy pipe already closed, so the caller holds only its connection.
+    Returns (fd, family, peer); the handoff socket and busy pipe are closed.
     """
-    poller = select.epoll(len(listeners) + 1)
-    by_fd = {}
-    for listener in listeners:
-        poller.register(listener.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
-        by_fd[listener.fileno()] = listener
-    poller.register(retire_fd, select.EPOLLIN)
-    got = None
+    handoff = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, handoff_fd)
     try:
-        while got is None:
-            events = poller.poll()
-            if any(fd == retire_fd for fd, _ in events):
-                return None  # the parent is stopping, reloading or gone
-            for fd, _ in events:
-                listener = by_fd[fd]
-                try:
-                    conn_fd, peer = listener.sock._accept()  # type: ignore[attr-defined]
-                except OSError as exc:
-                    if exc.errno in _RETRY_ERRNOS:
-                        continue  # another spare won the race, or the client left
-                    # Out of descriptors or memory: wait, do not spin.
-                    logger.error("spare %d: accept() failed: %s", os.getpid(), exc.strerror)
-                    time.sleep(0.1)
-                    continue
-                got = (conn_fd, listener.family, peer)
-                break
+        data, ancillary, _, _ = handoff.recvmsg(PEER.size, _FD_SPACE)
     finally:
-        poller.close()
-        for listener in listeners:
-            listener.close()
-        os.close(retire_fd)
+        handoff.close()
+    if not data:
+        os.close(busy_fd)
+        return None  # EOF: the parent retired the spares (or is gone)
+    fd = next(
+        int.from_bytes(cdata[:4], sys.byteorder)
+        for level, kind, cdata in ancillary
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+    )
+    family, port, raw = PEER.unpack(data)
     try:
-        os.write(busy_fd, encode_busy(os.getpid(), got[1], got[2]))
+        os.write(busy_fd, struct.pack("=i", os.getpid()) + data)
     except OSError:
         pass  # the parent is gone; serve the connection all the same
     os.close(busy_fd)
-    return got
+    return fd, family, _decode_peer(family, port, raw)
 
 
 def run_spare(
-    listeners: list[Listener],
-    retire_fd: int,
+    handoff_fd: int,
     busy_fd: int,
     parent_fds: Iterable[int],
     signals: tuple[int, ...],
     run: Callable[[socket.socket, Any], None],
     on_error: Callable[[socket.socket, Any], None],
 ) -> NoReturn:
-    """Become a spare: wait, accept one connection, serve it; never returns.
+    """Become a spare: wait for one connection, serve it; never returns.
 
-    An idle spare that is retired exits 0."""
+    A spare retired before it got a connection exits 0."""
     status = 1
     try:
         detach_from_parent(parent_fds, signals)
-        got = wait_and_accept(listeners, retire_fd, busy_fd)
+        got = receive_connection(handoff_fd, busy_fd)
         status = 0 if got is None else serve(got[0], got[1], got[2], run, on_error)
     finally:
         leave(status)

@@ -17,9 +17,11 @@ import os
 import select
 import selectors
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
+from socket import AF_UNIX, SCM_RIGHTS, SOCK_SEQPACKET, SOL_SOCKET, socketpair
 from socket import socket as Socket
 
 from . import log
@@ -27,7 +29,7 @@ from .child import serve_connection
 from .children import Child, ChildTable
 from .handlers import import_handler, is_handler_class
 from .listeners import Listener, format_address, open_listeners
-from .pool import BUSY_RECORD, decode_busy, run_spare
+from .pool import BUSY_RECORD, decode_busy, encode_peer, run_spare
 from .wakeup import HANDLED_SIGNALS, Wakeup
 
 # typing stays out of the serving parent: only the type checker reads these.
@@ -148,9 +150,10 @@ class Server:
         self._fork_log = _Throttle(LOG_INTERVAL)
         # The pool of spares (spare_children > 0); see pool.py.
         self._pool = settings.spare_children > 0
-        self._idle: set[int] = set()  # pids of spares still waiting to accept
-        self._busy_r = self._busy_w = self._retire_r = self._retire_w = -1
-        self._close_when_retired = False
+        self._idle: set[int] = set()  # spares not yet known to hold a connection
+        self._in_transit = 0  # connections handed off, not yet reported busy
+        self._handoff: Socket | None = None  # the parent's end
+        self._handoff_child = self._busy_r = self._busy_w = -1
 
     # -- socketserver-compatible surface ---------------------------------
 
@@ -231,14 +234,16 @@ class Server:
                     self._poll_interval = 0.5
             if self._pool:
                 self._busy_r, self._busy_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-                self._retire_r, self._retire_w = os.pipe2(os.O_CLOEXEC)
+                ours, theirs = socketpair(AF_UNIX, SOCK_SEQPACKET)
+                ours.setblocking(False)  # a full queue means: fork instead
+                self._handoff, self._handoff_child = ours, theirs.detach()
                 selector.register(self._busy_r, selectors.EVENT_READ, _BUSY_PIPE)
                 self._busy_poll = select.poll()
                 self._busy_poll.register(self._busy_r, select.POLLIN)
             self._signals_to_reset = (
                 tuple(int(s) for s in HANDLED_SIGNALS) if wakeup.signals_installed else ()
             )
-            self._dispatch = {
+            self._signal_handlers = {
                 int(s): getattr(self, "handle_" + s.name[3:].lower()) for s in HANDLED_SIGNALS
             }
             self._resume_listening()
@@ -263,11 +268,13 @@ class Server:
             self._stopping = self._shutdown_request = False
             self._term_at = self._kill_at = self._resume_at = None
             self._listening = False
-            self._close_when_retired = False
-            for fd in (self._busy_r, self._busy_w, self._retire_r, self._retire_w):
+            self._retire_spares()
+            for fd in (self._busy_r, self._busy_w, self._handoff_child):
                 if fd >= 0:
                     os.close(fd)
-            self._busy_r = self._busy_w = self._retire_r = self._retire_w = -1
+            self._handoff_child = self._busy_r = self._busy_w = -1
+            self._idle.clear()
+            self._in_transit = 0
             selector.close()
             wakeup.close()
             self._wakeup = self._selector = None
@@ -277,7 +284,7 @@ class Server:
         while True:
             if wakeup.pending:
                 for signum in wakeup.take_signals():
-                    self._dispatch[signum]()
+                    self._signal_handlers[signum]()
             if self._shutdown_request and not self._stopping:
                 self._begin_stop(close_listeners=False)
             if (
@@ -350,9 +357,41 @@ class Server:
                 self._accept_failed(listener, exc)
             return
         self.accepted += 1
-        self._spawn(fd, listener.family, peer)
-        if len(self.children) >= self.settings.max_children:
+        if not self._dispatch(fd, listener.family, peer):
+            # Only when a spare looked free but the handoff queue was full at
+            # max_children; the next child to exit makes room for it.
+            self._queued.append((fd, listener.family, peer))
+        if not self._can_accept():
             self._pause_listening()
+
+    def _can_accept(self) -> bool:
+        """Whether a connection accepted now would get a child at once."""
+        return len(self.children) < self.settings.max_children or len(self._idle) > self._in_transit
+
+    def _dispatch(self, fd: int, family: int, peer: Any) -> bool:
+        """Give accepted connection *fd* to an idle spare, or fork a child for
+        it; False when neither is possible (max_children reached)."""
+        if len(self._idle) > self._in_transit and self._hand_off(fd, family, peer):
+            return True
+        if len(self.children) >= self.settings.max_children:
+            return False
+        self._spawn(fd, family, peer)
+        return True
+
+    def _hand_off(self, fd: int, family: int, peer: Any) -> bool:
+        assert self._handoff is not None
+        try:
+            self._handoff.sendmsg(
+                [encode_peer(family, peer)],
+                [(SOL_SOCKET, SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))],
+            )
+        except OSError:  # the queue is full (spares are slow to start): fork instead
+            return False
+        # The spare received its own copy: close() only drops ours.
+        os.close(fd)
+        self._in_transit += 1
+        self._fill_pool()
+        return True
 
     def _accept_failed(self, listener: Listener, exc: OSError) -> None:
         # Out of descriptors (or some error we do not know): retrying at once
@@ -416,7 +455,7 @@ class Server:
         self._track(Child(pid, family, peer, time.monotonic()))
 
     def _spawn_spare(self) -> bool:
-        """Fork a spare that will accept one connection itself (pool.py)."""
+        """Fork a spare that waits for one connection from the parent (pool.py)."""
         try:
             pid = self._fork()
         except OSError as exc:
@@ -424,8 +463,7 @@ class Server:
             return False
         if pid == 0:
             run_spare(
-                self.listeners,
-                self._retire_r,
+                self._handoff_child,
                 self._busy_w,
                 self._spare_closes(),
                 self._signals_to_reset,
@@ -440,10 +478,11 @@ class Server:
         """Fork spares until spare_children wait idle (within max_children)."""
         spares, limit = self.settings.spare_children, self.settings.max_children
         while (
-            len(self._idle) < spares
+            len(self._idle) - self._in_transit < spares
             and len(self.children) < limit
             and not self._stopping
             and self._resume_at is None
+            and self._handoff is not None
         ):
             if not self._spawn_spare():
                 return
@@ -456,7 +495,7 @@ class Server:
             return
         now = time.monotonic()
         for pid, family, peer in decode_busy(data):
-            self.accepted += 1
+            self._in_transit -= 1
             self._idle.discard(pid)
             child = self.children.get(pid)
             if child is not None:
@@ -484,16 +523,17 @@ class Server:
         yield self._wakeup.rfd
         yield self._wakeup.wfd
         yield self._selector.fileno()
-        for fd in (self._busy_r, self._retire_w):
-            if fd >= 0:
-                yield fd
-
-    def _shared_fds(self) -> Iterator[int]:
-        """Fds a spare keeps until it has accepted (pool.py)."""
         for listener in self.listeners:
             if not listener.closed:
                 yield listener.fileno()
-        for fd in (self._busy_w, self._retire_r):
+        if self._handoff is not None:
+            yield self._handoff.fileno()
+        if self._busy_r >= 0:
+            yield self._busy_r
+
+    def _shared_fds(self) -> Iterator[int]:
+        """Fds a spare keeps until it has its connection (pool.py)."""
+        for fd in (self._handoff_child, self._busy_w):
             if fd >= 0:
                 yield fd
 
@@ -528,12 +568,10 @@ class Server:
             self._listening = False
 
     def _resume_listening(self) -> None:
-        if self._pool:  # spares accept, never the parent
-            self._fill_pool()
-            return
+        self._fill_pool()
         if self._listening or self._stopping or self._selector is None:
             return
-        if self._resume_at is not None or len(self.children) >= self.settings.max_children:
+        if self._resume_at is not None or not self._can_accept():
             return
         for listener in self.listeners:
             self._selector.register(listener.sock, selectors.EVENT_READ, listener)
@@ -560,17 +598,14 @@ class Server:
         if self._idle:
             for child in gone:
                 self._idle.discard(child.pid)
-        if self._stopping:
-            if self._close_when_retired and not self._idle:
-                self._close_when_retired = False
-                # Past graceful_timeout, nothing new is taken in.
-                self._close_listeners(drain=self._term_at is not None)
-            while self._queued and len(self.children) < self.settings.max_children:
-                self._spawn(*self._queued.popleft())
-        elif self._pool:
-            self._resume_at = None
-            self._fill_pool()
-        elif not self._listening:
+        while self._queued:
+            # Off the queue before its child is forked: a new child closes
+            # every queued fd, as other clients' connections.
+            fd, family, peer = self._queued.popleft()
+            if not self._dispatch(fd, family, peer):
+                self._queued.appendleft((fd, family, peer))
+                break
+        if not self._stopping and (not self._listening or self._pool):
             # A slot is free, and an exiting child may have freed descriptors
             # (ENFILE) or processes (fork's EAGAIN): try again now.
             self._resume_at = None
@@ -607,18 +642,9 @@ class Server:
         if not self._stopping:
             self._stopping = True
             self._pause_listening()
-            if self._retire_w >= 0:
-                # EOF on the retire pipe: every idle spare exits (pool.py).
-                os.close(self._retire_w)
-                self._retire_w = -1
             if close_listeners:
-                if self._idle and not immediate:
-                    # Keep the listeners until the spares have gone, so that
-                    # a connection arriving meanwhile waits in the backlog
-                    # (and is drained) instead of being reset.
-                    self._close_when_retired = True
-                else:
-                    self._close_listeners()
+                self._close_listeners(drain=not immediate)
+            self._retire_spares()
             if not immediate:
                 self._term_at = time.monotonic() + self.settings.graceful_timeout
                 logger.info(
@@ -627,13 +653,17 @@ class Server:
                     len(self.children) + len(self._queued),
                 )
         if immediate:
-            if self._close_when_retired:
-                self._close_when_retired = False
-                self._close_listeners(drain=False)
             logger.info("stopping now: killing %d children", len(self.children))
             self._term_at = None
             self._drop_queued("immediate stop")
             self.children.signal_all(signal.SIGKILL)
+
+    def _retire_spares(self) -> None:
+        """Close our end of the handoff socket: idle spares take what is still
+        queued in it, then read EOF and exit (pool.py)."""
+        if self._handoff is not None:
+            self._handoff.close()
+            self._handoff = None
 
     def _close_listeners(self, drain: bool = True) -> None:
         if drain:
@@ -651,9 +681,7 @@ class Server:
                 except OSError:
                     break
                 self.accepted += 1
-                if len(self.children) < self.settings.max_children:
-                    self._spawn(fd, listener.family, peer)
-                else:
+                if not self._dispatch(fd, listener.family, peer):
                     self._queued.append((fd, listener.family, peer))
 
     def _drop_queued(self, why: str) -> None:
