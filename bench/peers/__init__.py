@@ -1,0 +1,1 @@
+"""Reference servers that bench/compare.py measures forkserver against."""

@@ -1,0 +1,395 @@
+"""Regenerate bench/RESULTS.md: run compare, fork_cost and memory, write the markdown.
+
+    python -m bench.report            # default settings of each script: ~6 minutes
+    python -m bench.report --quick    # reduced settings (said so in the file): ~1.5 minutes
+    python -m bench.report --no-run   # re-render from bench/results/*-latest.json
+
+Each script runs as its own process (``python -m bench.compare ...``), writes
+its JSON under ``bench/results/``, and the markdown is rendered from those
+files only: every figure in RESULTS.md comes from a result file, with the
+command that produced it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .common import RESULTS_DIR
+from .servers import ROOT, bench_env
+
+OTHER_LOAD_WARNING = 0.2  # cores used by other processes worth a warning
+OUTPUT = ROOT / "bench" / "RESULTS.md"
+SCRIPTS = ("compare", "fork_cost", "memory")
+QUICK = {
+    "compare": ["--rounds", "1", "--duration", "2"],
+    "fork_cost": ["--duration", "1.5", "--paced-duration", "4"],
+    "memory": ["--connections", "20000"],
+}
+
+
+def _run_scripts(quick: bool, out: Path) -> None:
+    for name in SCRIPTS:
+        argv = [sys.executable, "-m", f"bench.{name}"]
+        if out != RESULTS_DIR:
+            argv += ["--out", str(out)]
+        if quick:
+            argv += QUICK[name]
+        print("$ " + " ".join(argv[1:]), file=sys.stderr, flush=True)
+        # The scripts kill their own servers; they run in our session so Ctrl-C reaches them.
+        code = subprocess.run(argv, cwd=ROOT, env=bench_env(), check=False).returncode
+        if code not in (0, 1):
+            raise SystemExit(f"bench.report: bench.{name} exited {code}")
+
+
+def _load(out: Path, name: str) -> dict[str, Any] | None:
+    path = out / f"{name}-latest.json"
+    if not path.exists():
+        return None
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def _f(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _table(head: list[str], rows: list[list[str]], text_columns: int = 1) -> list[str]:
+    """A markdown table; the first *text_columns* left-aligned, numbers right-aligned."""
+    align = ["---" if i < text_columns else "---:" for i in range(len(head))]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _compare(data: dict[str, Any]) -> list[str]:
+    s = data["settings"]
+    out = [
+        "## forkserver vs socketserver vs tcpserver",
+        "",
+        f"`{data['command']}` ({data['date']})",
+        "",
+        f"{s['payload']}-byte echo churn (connect, send, half-close, read to EOF, close); "
+        f"median of {s['rounds']} round(s) of {s['duration']:g} s per server and concurrency, "
+        f"server order alternating; max_children {s['max_children']} and backlog "
+        f"{s['backlog']} for every server.  x ss: ratio to socketserver.  Parent/child µs: "
+        "the server's CPU per connection (parent, and its reaped children).  Generator: cores "
+        "the load generator used.  Other: cores used meanwhile by everything else on the "
+        "machine (non-idle CPU time not accounted for by the server or the generator).",
+        "",
+    ]
+    if s.get("tcpserver_argv"):
+        out += [f"tcpserver ran as `{' '.join(s['tcpserver_argv'])}`.", ""]
+    head = ["clients", "server", "conn/s", "x ss", "p50 ms", "x ss", "p99 ms"]
+    head += ["parent µs/conn", "child µs/conn", "generator cores", "other cores", "errors"]
+    rows = []
+    for c in map(str, s["concurrency"]):
+        for name, levels in data["summary"].items():
+            row = levels.get(c)
+            if row is None:
+                continue
+            rel = data["ratios"].get(name, {}).get(c, {})
+            rows.append(
+                [
+                    c,
+                    name,
+                    f"{row['conn_per_s']:,.0f}",
+                    _f(rel.get("conn_per_s")),
+                    _f(row["p50_ms"], ".3f"),
+                    _f(rel.get("p50_ms")),
+                    _f(row["p99_ms"], ".3f"),
+                    _f(row["parent_us_per_conn"], ".0f"),
+                    _f(row["children_us_per_conn"], ".0f"),
+                    _f(row["generator_cores"]),
+                    _f(row.get("other_cores")),
+                    str(row["errors_total"]),
+                ]
+            )
+    out += _table(head, rows, text_columns=2)
+    failed = [r for r in data["runs"] if "failed" in r]
+    for r in failed:
+        out += ["", f"Round {r['round']}, {r['server']} failed: {r['failed'].splitlines()[0]}"]
+    return out
+
+
+def _fork_cost(data: dict[str, Any]) -> list[str]:
+    s = data["settings"]
+    levels = [str(c) for c in s["concurrency"]]
+    out = [
+        "## Fork cost against parent size",
+        "",
+        f"`{data['command']}` ({data['date']})",
+        "",
+        f"forkserver serving `{s['handler']}`, whose import builds the ballast in the parent. "
+        f"Closed loop: {s['payload']}-byte churn for {s['duration']:g} s per concurrency.  "
+        f"Paced: {s['rate']:g} connections/s for {s['paced_duration']:g} s, latency from "
+        "connect to EOF.",
+        "",
+    ]
+    head = ["ballast MB", "parent RSS MB"] + [f"conn/s, {c} clients" for c in levels]
+    head += [f"parent µs/conn ({levels[0]})", f"p50 ms ({levels[0]})", "paced p50 ms"]
+    head += ["paced p90 ms", "paced max ms", "paced p50 ms, pool", "errors"]
+    rows = []
+    for row in data["sizes"]:
+        if "failed" in row:
+            rows.append([f"{row['ballast_mb']:g}", "failed", *[""] * (len(head) - 2)])
+            continue
+        closed, pace = row["closed_loop"], row["paced"]
+        errors = pace["errors_total"] + sum(r["errors_total"] for r in closed.values())
+        rows.append(
+            [
+                f"{row['ballast_mb']:g}",
+                f"{row['parent_rss_mb']:,.0f}",
+                *[f"{closed[c]['conn_per_s']:,.0f}" for c in levels],
+                _f(closed[levels[0]]["parent_us_per_conn"], ".0f"),
+                _f(closed[levels[0]]["p50_ms"], ".3f"),
+                _f(pace["p50_ms"], ".3f"),
+                _f(pace["p90_ms"], ".3f"),
+                _f(pace["max_ms"], ".3f"),
+                _f(row.get("paced_pool", {}).get("p50_ms"), ".3f"),
+                str(errors),
+            ]
+        )
+    out += _table(head, rows)
+    if data.get("paced_p50_us_per_mb") is not None:
+        out += [
+            "",
+            f"Least-squares slope against parent RSS: paced p50 "
+            f"{data['paced_p50_us_per_mb']:+.1f} µs per MB; parent CPU per connection "
+            f"{data['parent_us_per_conn_per_mb']:+.1f} µs per MB.",
+        ]
+    return out
+
+
+def _memory(data: dict[str, Any]) -> list[str]:
+    s = data["settings"]
+    out = [
+        "## Memory",
+        "",
+        f"`{data['command']}` ({data['date']})",
+        "",
+        f"Idle child: {s['idle']} clients per server each do one 64-byte echo round and stay "
+        "open; USS is memory only that child holds (psutil `memory_full_info`).",
+        "",
+    ]
+    rows = []
+    for name, row in data["idle_child"].items():
+        if "failed" in row:
+            rows.append([name, "failed", "", "", ""])
+            continue
+        rows.append(
+            [
+                name,
+                f"{row['uss_kib_median']:,.0f}",
+                f"{row['uss_kib_max']:,.0f}",
+                f"{row['pss_kib_median']:,.0f}",
+                f"{row['rss_kib_median']:,.0f}",
+            ]
+        )
+    out += _table(["server", "USS KiB (median)", "USS KiB (max)", "PSS KiB", "RSS KiB"], rows)
+    g = data.get("parent_growth")
+    if g and "failed" not in g:
+        out += [
+            "",
+            f"forkserver parent over {g['connections']:,} churn connections ({s['concurrency']} "
+            f"clients), after {g['warmup_connections']:,} warm-up connections:",
+            "",
+        ]
+        rows = [
+            [
+                "after warm-up",
+                f"{g['after_warmup']['rss_kib']:,.0f}",
+                f"{g['after_warmup']['uss_kib']:,.0f}",
+                str(g["after_warmup"]["fds"]),
+                "0",
+            ]
+        ]
+        for b in g["batches"]:
+            rows.append(
+                [
+                    f"{b['connections']:,}",
+                    f"{b['rss_kib']:,.0f}",
+                    f"{b['uss_kib']:,.0f}",
+                    str(b["fds"]),
+                    str(b["errors_total"]),
+                ]
+            )
+        out += _table(["connections", "RSS KiB", "USS KiB", "open fds", "errors"], rows)
+        out += [
+            "",
+            f"RSS growth: {g['rss_growth_kib']:+,.0f} KiB; USS {g['uss_growth_kib']:+,.0f} KiB.",
+        ]
+    elif g:
+        out += ["", f"Parent growth run failed: {g['failed'].splitlines()[0]}"]
+    return out
+
+
+def _targets(
+    compare: dict[str, Any] | None, fork: dict[str, Any] | None, memory: dict[str, Any] | None
+) -> list[str]:
+    """Issue 3's targets against these figures (ratios, so the machine matters less)."""
+    rows: list[list[str]] = []
+
+    def check(what: str, value: float | None, limit: float, fmt: str, higher: bool) -> None:
+        if value is None:
+            rows.append([what, "-", "not measured"])
+            return
+        ok = value >= limit if higher else value <= limit
+        rows.append([what, format(value, fmt), "met" if ok else "**not met**"])
+
+    if compare:
+        for name in ("forkserver", "forkserver-pool"):
+            rel = compare["ratios"].get(name)
+            if rel is None:
+                continue
+            for c in ("8", "32"):
+                check(
+                    f"{name}: conn/s ≥ 2.5x socketserver, {c} clients",
+                    rel.get(c, {}).get("conn_per_s"),
+                    2.5,
+                    ".2f",
+                    True,
+                )
+            check(
+                f"{name}: p50 ≤ 0.6x socketserver, 1 client",
+                rel.get("1", {}).get("p50_ms"),
+                0.6,
+                ".2f",
+                False,
+            )
+    if fork:
+        big = [r for r in fork["sizes"] if "failed" not in r and r["ballast_mb"] >= 1000]
+        check(
+            "forkserver: paced (10/s) p50 ≤ 2 ms with 1 GB preloaded (ms)",
+            big[-1]["paced"]["p50_ms"] if big else None,
+            2.0,
+            ".3f",
+            False,
+        )
+        pool = big[-1].get("paced_pool", {}) if big else {}
+        check(
+            f"forkserver-pool ({fork['settings'].get('spare_children')} spares): paced (10/s) "
+            "p50 ≤ 2 ms with 1 GB preloaded (ms)",
+            pool.get("p50_ms"),
+            2.0,
+            ".3f",
+            False,
+        )
+    if memory:
+        fs = memory["idle_child"].get("forkserver", {})
+        check("idle child USS ≤ 1 MiB (KiB)", fs.get("uss_kib_max"), 1024, ",.0f", False)
+        g = memory.get("parent_growth") or {}
+        n = g.get("connections", 0)
+        check(
+            f"parent RSS growth < 1 MiB over {n:,} connections (KiB)",
+            g.get("rss_growth_kib"),
+            1024,
+            "+,.0f",
+            False,
+        )
+    if not rows:
+        return []
+    return ["## Issue 3 targets", "", *_table(["target", "measured", ""], rows, text_columns=3)]
+
+
+def _other_load(compare: dict[str, Any] | None) -> tuple[float, float] | None:
+    """(median, max) cores used by other processes during the compare runs."""
+    if not compare:
+        return None
+    values = [r["other_cores"] for r in compare["runs"] if r.get("other_cores") is not None]
+    if not values:
+        return None
+    return statistics.median(values), max(values)
+
+
+def render(out: Path, command: str, quick: bool) -> str:
+    """RESULTS.md text from the ``*-latest.json`` files in *out*."""
+    compare, fork, memory = (_load(out, name) for name in SCRIPTS)
+    first = next((d for d in (compare, fork, memory) if d), None)
+    if first is None:
+        raise SystemExit(f"bench.report: no *-latest.json in {out}; run without --no-run")
+    m = first["machine"]
+    lines = [
+        "# forkserver benchmark results",
+        "",
+        f"Generated by `{command}` on {time.strftime('%Y-%m-%d %H:%M:%S %z')}; do not edit: "
+        "rerun the command (see bench/README.md).",
+        "",
+    ]
+    if quick:
+        lines += [
+            "**Reduced settings** (`--quick`): "
+            + "; ".join(f"bench.{k} {' '.join(v)}" for k, v in QUICK.items())
+            + ".  The default run (`python -m bench.report`) takes longer and is steadier.",
+            "",
+        ]
+    lines += [
+        "## Machine",
+        "",
+        f"- CPU: {m['cpu']}, {m['cores']} cores; {m['memory_gib']} GiB RAM",
+        f"- Kernel: Linux {m['kernel']}",
+        f"- Python: {m['python']}",
+        f"- forkserver: {m['forkserver_commit'] or 'unknown commit'}",
+    ]
+    for name, data in zip(SCRIPTS, (compare, fork, memory), strict=True):
+        if data:
+            start = data["machine"]["load_average_at_start"][0]
+            end = (data["machine"].get("load_average_at_end") or [None])[0]
+            lines.append(
+                f"- Load average (1 min) during bench.{name}: {start:g} at the start"
+                + (f", {end:g} at the end" if end is not None else "")
+            )
+    lines.append("")
+    other = _other_load(compare)
+    if other is not None and other[1] > OTHER_LOAD_WARNING:
+        lines += [
+            f"**The machine was not quiet**: while bench.compare measured, other processes used "
+            f"{other[0]:.2f} cores (median over the runs; up to {other[1]:.2f}) of "
+            f"{m['cores']}.  Absolute figures are lower and noisier than on an idle machine; "
+            "ratios, from servers measured alternately in the same run, hold up better.",
+            "",
+        ]
+    lines += [
+        "All traffic is on 127.0.0.1: the load generator (`bench/load.py`) shares the cores "
+        "with the server under test, so absolute figures are lower than on separate machines; "
+        "compare ratios, measured in one run.",
+        "",
+    ]
+    sections = [
+        _targets(compare, fork, memory),
+        _compare(compare) if compare else [],
+        _fork_cost(fork) if fork else [],
+        _memory(memory) if memory else [],
+    ]
+    for section in sections:
+        if section:
+            lines += [*section, ""]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.report", description=__doc__.split("\n", 1)[0])
+    p.add_argument("--quick", action="store_true", help="reduced settings (noted in the file)")
+    p.add_argument("--no-run", action="store_true", help="render from existing results only")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
+    p.add_argument("--output", type=Path, default=OUTPUT, help="markdown file (bench/RESULTS.md)")
+    args = p.parse_args(argv)
+    if not args.no_run:
+        _run_scripts(args.quick, args.out)
+    command = "python -m bench.report" + (" --quick" if args.quick else "")
+    if args.no_run:
+        command += " (rendered with --no-run)"
+    args.output.write_text(render(args.out, command, args.quick))
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,252 @@
+"""Seconds-long smoke runs of every bench script, so none rots.
+
+Each script runs as a real process in its own session, with tiny settings.
+Asserted: exit status, well-formed output (the JSON fields a reader relies on,
+no failed connection), and that no process it started outlives it (every
+process it starts inherits a unique environment tag, looked for afterwards).
+Never timings: benchmarks measure, tests do not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.conftest import ROOT, StartServer, config
+
+TAG = "FORKSERVER_BENCH_SMOKE"
+REPORT_HEADINGS = (
+    "## Machine",
+    "## Issue 3 targets",
+    "## forkserver vs",
+    "## Fork cost",
+    "## Memory",
+)
+LATENCY_KEYS = {"min", "p50", "p90", "p99", "p99.9", "max", "mean"}
+
+
+def _tagged(tag: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(TAG) == tag:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def run_bench(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run ``python ARGS`` from the repo root; assert nothing it started is left."""
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "PYTHONPATH": str(ROOT), TAG: tag}
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    # Killed processes can take a moment to finish exiting.
+    deadline = time.monotonic() + 5
+    while (left := _tagged(tag)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for p in left:
+        p.kill()
+    assert not left, f"processes outlived {args}: {left}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _load_json(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    report: dict[str, Any] = json.loads(result.stdout)
+    assert report["tool"] == "bench.load"
+    assert set(report["latency_ms"]) == LATENCY_KEYS
+    assert {"user_s", "system_s", "cores_used", "fraction_of_machine"} <= set(
+        report["generator_cpu"]
+    )
+    assert report["elapsed_s"] > 0
+    return report
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the script smokes write results (the report smoke renders them)."""
+    return tmp_path_factory.mktemp("bench-results")
+
+
+@pytest.mark.timeout(60)
+def test_load_churn_and_keepalive(start_server: StartServer) -> None:
+    server = start_server(config())
+    port = str(server.tcp_address[1])
+
+    result = run_bench("bench/load.py", "--port", port, "-c", "4", "-d", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    churn = _load_json(result)
+    assert churn["connections"] > 0
+    assert churn["requests"] == churn["connections"]
+    assert churn["errors_total"] == 0, churn["errors"]
+    assert churn["latency_ms"]["p50"] > 0
+    assert churn["latency_of"] == "connection"
+
+    result = run_bench(
+        "-m", "bench.load", "--port", port, "--mode", "keepalive", "--rounds", "5", "-d", "1",
+        "--payload", "1000", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    keep = _load_json(result)
+    assert keep["connections"] > 0
+    assert keep["requests"] >= keep["connections"]
+    assert keep["errors_total"] == 0, keep["errors"]
+    assert keep["latency_of"] == "round"
+
+
+@pytest.mark.timeout(60)
+def test_load_counts_connections_and_unix(start_server: StartServer, tmp_path: Path) -> None:
+    path = tmp_path / "echo.sock"
+    start_server(config(host=[], unix=[str(path)]))
+    result = run_bench(
+        "-m", "bench.load", "--unix", str(path), "--connections", "200", "-c", "8",
+        "--payload", "100000", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = _load_json(result)
+    assert report["connections"] == 200
+    assert report["errors_total"] == 0, report["errors"]
+    assert report["target"] == f"unix:{path}"
+
+    result = run_bench(
+        "bench/load.py", "--unix", str(path), "--mode", "keepalive", "--connections", "50",
+        "--rounds", "4", "-c", "8", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = _load_json(result)
+    assert (report["connections"], report["requests"]) == (50, 200)
+
+
+@pytest.mark.timeout(60)
+def test_load_reports_errors_by_kind(start_server: StartServer) -> None:
+    # Not an echo: PidEcho answers with its pid first, so --verify must object.
+    server = start_server(config("tests.services:PidEcho"))
+    port = str(server.tcp_address[1])
+    result = run_bench("-m", "bench.load", "--port", port, "-c", "2", "-n", "20", "--json")
+    assert result.returncode == 1
+    report = _load_json(result)
+    assert report["connections"] == 0
+    assert report["errors_total"] == 20
+    assert set(report["errors"]) <= {"mismatch", "long_reply"}
+
+    with socket.socket() as sock:  # a port nobody listens on (for this instant)
+        sock.bind(("127.0.0.1", 0))
+        free = str(sock.getsockname()[1])
+    result = run_bench("-m", "bench.load", "--port", free, "-c", "2", "-n", "10")
+    assert result.returncode == 1
+    assert "refused 10" in result.stdout
+
+    result = run_bench("-m", "bench.load", "--port", port, "--mode", "bogus")
+    assert result.returncode == 2
+
+
+@pytest.mark.timeout(90)
+def test_compare(out_dir: Path) -> None:
+    result = run_bench(
+        "-m", "bench.compare", "--rounds", "1", "--concurrency", "1,8", "--duration", "1",
+        "--warmup", "0", "--out", str(out_dir),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads((out_dir / "compare-latest.json").read_text())
+    expected = {"forkserver", "forkserver-pool", "socketserver"} | (
+        {"tcpserver"} if shutil.which("tcpserver") else set()
+    )
+    assert set(data["summary"]) == expected
+    for name in expected:
+        for c in ("1", "8"):
+            row = data["summary"][name][c]
+            assert row["conn_per_s"] > 0
+            assert row["errors_total"] == 0
+            assert row["p50_ms"] <= row["p99_ms"]
+        assert data["ratios"][name]["8"]["conn_per_s"] > 0
+    assert data["ratios"]["socketserver"]["1"]["conn_per_s"] == 1.0
+    assert len(data["runs"]) == 2 * len(expected)
+    assert data["machine"]["cores"] == os.cpu_count()
+    assert len(list(out_dir.glob("compare-2*.json"))) == 1
+    assert "forkserver" in result.stdout and "conn/s" in result.stdout
+
+
+@pytest.mark.timeout(90)
+def test_fork_cost(out_dir: Path) -> None:
+    result = run_bench(
+        "-m", "bench.fork_cost", "--sizes", "0,10", "--concurrency", "1", "--duration", "0.5",
+        "--paced-duration", "1", "--rate", "10", "--warmup", "0", "--out", str(out_dir),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads((out_dir / "fork_cost-latest.json").read_text())
+    small, big = data["sizes"]
+    assert (small["ballast_mb"], big["ballast_mb"]) == (0, 10)
+    assert big["parent_rss_mb"] - small["parent_rss_mb"] > 8  # the ballast was built
+    for row in data["sizes"]:
+        assert row["closed_loop"]["1"]["connections"] > 0
+        assert row["closed_loop"]["1"]["errors_total"] == 0
+        assert row["paced"]["connections"] > 0
+        assert row["paced"]["errors_total"] == 0
+        assert row["paced_pool"]["connections"] > 0  # the same, with spares
+        assert row["paced_pool"]["errors_total"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_memory(out_dir: Path) -> None:
+    result = run_bench(
+        "-m", "bench.memory", "--servers", "forkserver,socketserver", "--idle", "2",
+        "--connections", "300", "--chunks", "2", "--warmup", "50", "--out", str(out_dir),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads((out_dir / "memory-latest.json").read_text())
+    for name in ("forkserver", "socketserver"):
+        idle = data["idle_child"][name]
+        assert idle["children"] == 2
+        assert 0 < idle["uss_kib_median"] <= idle["rss_kib_median"]
+    growth = data["parent_growth"]
+    assert growth["connections"] == 300
+    assert [b["connections"] for b in growth["batches"]] == [150, 300]
+    assert growth["errors_total"] == 0
+
+
+@pytest.mark.timeout(30)
+def test_report_renders(out_dir: Path, tmp_path: Path) -> None:
+    missing = [
+        n for n in ("compare", "fork_cost", "memory") if not (out_dir / f"{n}-latest.json").exists()
+    ]
+    if missing:
+        pytest.skip(f"needs the results of the other smoke tests: {missing}")
+    output = tmp_path / "RESULTS.md"
+    result = run_bench(
+        "-m", "bench.report", "--no-run", "--out", str(out_dir), "--output", str(output),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    text = output.read_text()
+    for heading in REPORT_HEADINGS:
+        assert heading in text
+    assert "python -m bench.compare --rounds 1" in text
+    assert os.uname().release in text
