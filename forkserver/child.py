@@ -17,13 +17,17 @@ import os
 import socket
 import sys
 
+from .listeners import format_address
+
 # typing stays out of the serving parent: only the type checker reads these.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
     from typing import Any, NoReturn
 
-__all__ = ["detach_from_parent", "leave", "serve", "serve_connection"]
+    from .config import Settings
+
+__all__ = ["ChildLimits", "detach_from_parent", "leave", "serve", "serve_connection"]
 
 
 def _close_connection(conn: socket.socket) -> None:
@@ -35,6 +39,83 @@ def _close_connection(conn: socket.socket) -> None:
     except OSError:
         pass  # already reset or shut down by the peer or the handler
     conn.close()
+
+
+class ChildLimits:
+    """What each child applies to itself before the handler runs: resource
+    limits, the user it runs as, and timeouts on its connection."""
+
+    def __init__(self, settings: Settings) -> None:
+        s = settings
+        self.rlimits: list[tuple[int, int]] = []
+        if any(
+            v >= 0 for v in (s.limit_cpu, s.limit_memory_mb, s.limit_open_files, s.limit_core_mb)
+        ):
+            import resource
+
+            for value, kind in (
+                (s.limit_cpu, resource.RLIMIT_CPU),
+                (s.limit_memory_mb << 20 if s.limit_memory_mb >= 0 else -1, resource.RLIMIT_AS),
+                (s.limit_open_files, resource.RLIMIT_NOFILE),
+                (s.limit_core_mb << 20 if s.limit_core_mb >= 0 else -1, resource.RLIMIT_CORE),
+            ):
+                if value >= 0:
+                    self.rlimits.append((kind, value))
+        self.uid = self.gid = -1
+        self.groups: list[int] = []
+        if s.user or s.group:
+            import grp
+            import pwd
+
+            if s.user:
+                account = pwd.getpwnam(s.user)
+                self.uid, self.gid = account.pw_uid, account.pw_gid
+            if s.group:
+                self.gid = grp.getgrnam(s.group).gr_gid
+            self.groups = [self.gid]
+        self.idle_timeout = s.idle_timeout
+        self.send_timeout = s.send_timeout or s.idle_timeout
+        self.any = bool(self.rlimits or self.gid >= 0 or self.idle_timeout or self.send_timeout)
+
+    def apply_to_process(self) -> None:
+        """Set the rlimits, then drop privileges for good (raises OSError)."""
+        if self.rlimits:
+            import resource
+
+            for kind, value in self.rlimits:
+                resource.setrlimit(kind, (value, value))
+        if self.gid >= 0:
+            os.setgroups(self.groups)
+            os.setgid(self.gid)
+        if self.uid >= 0:
+            os.setuid(self.uid)
+            if os.geteuid() != self.uid:  # setuid() must not be half-done
+                raise PermissionError(f"still running as uid {os.geteuid()}")
+
+    def apply_to_connection(self, conn: socket.socket) -> None:
+        for option, seconds in (
+            (socket.SO_RCVTIMEO, self.idle_timeout),
+            (socket.SO_SNDTIMEO, self.send_timeout),
+        ):
+            if seconds:
+                whole = int(seconds)
+                timeval = whole.to_bytes(8, sys.byteorder) + int((seconds - whole) * 1e6).to_bytes(
+                    8, sys.byteorder
+                )
+                conn.setsockopt(socket.SOL_SOCKET, option, timeval)
+
+    def timed_out(self, conn: socket.socket, exc: BaseException) -> str | None:
+        """Why the handler's I/O failed, if it was one of our timeouts."""
+        if not (self.idle_timeout or self.send_timeout):
+            return None
+        if not isinstance(exc, BlockingIOError | TimeoutError):
+            return None
+        import select
+
+        _, writable, _ = select.select([], [conn], [], 0)
+        if not writable and self.send_timeout:
+            return f"send_timeout ({self.send_timeout:g}s) expired: the client is not reading"
+        return f"idle_timeout ({self.idle_timeout:g}s) expired: the client sent nothing"
 
 
 def detach_from_parent(parent_fds: Iterable[int], signals: tuple[int, ...]) -> None:
@@ -65,17 +146,28 @@ def serve(
     peer: Any,
     run: Callable[[socket.socket, Any], None],
     on_error: Callable[[socket.socket, Any], None],
+    limits: ChildLimits | None = None,
 ) -> int:
     """Run the handler on connection *fd*, close it; returns the exit status."""
     conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
     try:
+        if limits is not None:
+            limits.apply_to_connection(conn)
         run(conn, peer)
         return 0
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except BaseException:
-        on_error(conn, peer)
-        return 1
+    except BaseException as exc:
+        why = limits.timed_out(conn, exc) if limits is not None else None
+        if why is None:
+            on_error(conn, peer)
+            return 1
+        from . import log
+
+        log.get_logger(__name__).info(
+            "closing the connection from %s: %s", format_address(family, peer), why
+        )
+        return 0
     finally:
         _close_connection(conn)
 
@@ -99,11 +191,14 @@ def serve_connection(
     signals: tuple[int, ...],
     run: Callable[[socket.socket, Any], None],
     on_error: Callable[[socket.socket, Any], None],
+    limits: ChildLimits | None = None,
 ) -> NoReturn:
     """Become the child for connection *fd* (forked on accept); never returns."""
     status = 1
     try:
         detach_from_parent(parent_fds, signals)  # before any user code runs
-        status = serve(fd, family, peer, run, on_error)
+        if limits is not None:
+            limits.apply_to_process()  # an OSError here means: never run the handler
+        status = serve(fd, family, peer, run, on_error, limits)
     finally:
         leave(status)

@@ -29,7 +29,7 @@ logger = log.get_logger(__name__)
 class Child:
     """One forked child: which connection it serves and since when."""
 
-    __slots__ = ("family", "peer", "pid", "pidfd", "started")
+    __slots__ = ("family", "peer", "pid", "pidfd", "source", "started")
 
     def __init__(self, pid: int, family: int, peer: Any, started: float) -> None:
         self.pid = pid
@@ -37,6 +37,7 @@ class Child:
         self.peer = peer
         self.started = started
         self.pidfd = -1
+        self.source: Any = None  # the admission source it counts against, if any
 
     @property
     def peer_text(self) -> str:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,9 +33,48 @@ def _setting(
     min: float | None = None,
     max: float | None = None,
     choices: tuple[str, ...] | None = None,
+    check: Callable[[Any], str | None] | None = None,
 ) -> Any:
-    meta = {"help": help, "cli": cli, "min": min, "max": max, "choices": choices}
+    """A field of Settings; *check* returns what is wrong with a value, or None."""
+    meta = {"help": help, "cli": cli, "min": min, "max": max, "choices": choices, "check": check}
     return field(default=default, metadata=meta)
+
+
+def _check_cidrs(values: tuple[str, ...]) -> str | None:
+    import ipaddress
+
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            return f'"{value}" is not an IPv4 or IPv6 network (like "10.0.0.0/8" or "::1")'
+    return None
+
+
+def _check_early_drop(value: str) -> str | None:
+    from .admission import parse_early_drop
+
+    try:
+        parse_early_drop(value)
+    except ValueError:
+        return f'"{value}" is not "start:rate:full" with start < full and rate 0-100'
+    return None
+
+
+def _check_account(kind: str) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        if not value:
+            return None
+        import grp
+        import pwd
+
+        try:
+            (pwd.getpwnam if kind == "user" else grp.getgrnam)(value)
+        except KeyError:
+            return f'no {kind} "{value}" on this system'
+        return None
+
+    return check
 
 
 @dataclass(frozen=True)
@@ -112,11 +152,129 @@ class Settings:
         max=3600,
     )
     log_level: str = _setting("info", "Logging level.", cli="--log-level", choices=LOG_LEVELS)
+    # -- admission: decided in the parent after accept(), before any fork ----
+    when_full: str = _setting(
+        "wait",
+        "At `max_children`: `wait` stops accepting, so connections wait in the kernel "
+        "backlog (tcpserver, Apache); `refuse` accepts them and closes them at once, "
+        "after `busy_message` (PostgreSQL).",
+        choices=("wait", "refuse"),
+    )
+    busy_message: str = _setting(
+        "",
+        'Sent to every refused client before the close (e.g. "busy, try later\\r\\n"); '
+        "empty sends nothing.",
+    )
+    early_drop: str = _setting(
+        "",
+        'Random early drop, like sshd\'s MaxStartups: "start:rate:full" refuses new '
+        "connections with probability rate% once `start` children are alive, rising "
+        "linearly to 100% at `full`. Empty: off.",
+        check=_check_early_drop,
+    )
+    allow: tuple[str, ...] = _setting(
+        (),
+        "Networks (CIDR) whose clients are served; empty allows all. Unix-socket "
+        "clients are not filtered.",
+        check=_check_cidrs,
+    )
+    deny: tuple[str, ...] = _setting(
+        (), "Networks (CIDR) whose clients are refused; wins over `allow`.", check=_check_cidrs
+    )
+    per_source_limit: int = _setting(
+        0,
+        "Most connections served at once per client address (IPv6: per "
+        "`ipv6_prefix` network); 0: no limit.",
+        min=0,
+        max=100_000,
+    )
+    per_source_rate: float = _setting(
+        0.0,
+        "New connections per second allowed per client address (a token bucket "
+        "holding `per_source_burst`); 0: no limit. One flooding source is refused; "
+        "others are not affected.",
+        min=0,
+        max=1e6,
+    )
+    per_source_burst: int = _setting(
+        10,
+        "Connections a source may open at once before `per_source_rate` applies.",
+        min=1,
+        max=100_000,
+    )
+    ipv6_prefix: int = _setting(
+        64,
+        "IPv6 clients count as one source per network of this prefix length.",
+        min=1,
+        max=128,
+    )
+    # -- timeouts ------------------------------------------------------------
+    idle_timeout: float = _setting(
+        0.0,
+        "Seconds a receive may wait for the client (SO_RCVTIMEO): a client that sends "
+        "nothing for this long is disconnected and its child exits. 0: none.",
+        cli="--idle-timeout",
+        min=0,
+        max=86400,
+    )
+    send_timeout: float = _setting(
+        0.0,
+        "Seconds a send may wait for a client that does not read (SO_SNDTIMEO). 0: `idle_timeout`.",
+        min=0,
+        max=86400,
+    )
+    max_lifetime: float = _setting(
+        0.0,
+        "Seconds a child may serve one connection; then the parent sends it SIGTERM, and "
+        "SIGKILL after `kill_timeout`. 0: no limit.",
+        min=0,
+        max=1e7,
+    )
+    # -- what a child may use, and as whom ------------------------------------
+    limit_cpu: int = _setting(
+        -1,
+        "RLIMIT_CPU of each child, in seconds (SIGXCPU past it); -1: inherited.",
+        min=-1,
+        max=1 << 31,
+    )
+    limit_memory_mb: int = _setting(
+        -1, "RLIMIT_AS of each child, in MiB; -1: inherited.", min=-1, max=1 << 31
+    )
+    limit_open_files: int = _setting(
+        -1, "RLIMIT_NOFILE of each child; -1: inherited.", min=-1, max=1 << 20
+    )
+    limit_core_mb: int = _setting(
+        -1,
+        "RLIMIT_CORE of each child, in MiB (0: no core dumps); -1: inherited.",
+        min=-1,
+        max=1 << 31,
+    )
+    user: str = _setting(
+        "",
+        "Run every child as this user (the parent binds first, as root). Empty: as the parent.",
+        check=_check_account("user"),
+    )
+    group: str = _setting(
+        "",
+        "The children's group; empty: the user's primary group.",
+        check=_check_account("group"),
+    )
+    umask: int = _setting(
+        -1,
+        "The parent's and children's umask (write 0o027 in TOML); -1: inherited.",
+        min=-1,
+        max=0o777,
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             object.__setattr__(self, f.name, _check(f, value, f.name))
+        if self.user and os.geteuid() != 0:
+            import pwd
+
+            if pwd.getpwnam(self.user).pw_uid != os.geteuid():
+                raise ConfigError(f'{TABLE}.user: switching to "{self.user}" needs root')
         if self.spare_children > self.max_children:
             raise ConfigError(
                 f"{TABLE}.spare_children must be at most max_children ({self.max_children}), "
@@ -129,10 +287,15 @@ class Settings:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(
-                f"{source}: unknown key {TABLE}.{unknown[0]} "
-                f"(known keys: {', '.join(sorted(known))})"
+            import difflib
+
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = (
+                f'did you mean "{close[0]}"?'
+                if close
+                else f"known keys: {', '.join(sorted(known))}"
             )
+            raise ConfigError(f"{source}: unknown key {TABLE}.{unknown[0]} ({hint})")
         try:
             return cls(**values)
         except ConfigError as exc:
@@ -169,6 +332,8 @@ def _describe(f: dataclasses.Field[Any]) -> str:
         return text
     if f.name == "unix_mode":
         return f"{text} 0o000-0o777"
+    if f.name == "umask":
+        return f"{text} 0o000-0o777, or -1"
     return f"{text} {lo:g}-{hi:g}" if kind is float else f"{text} {lo}-{hi}"
 
 
@@ -183,7 +348,7 @@ def _show(value: Any) -> str:
 def _check(f: dataclasses.Field[Any], value: Any, name: str) -> Any:
     """Validate and normalise one value, or raise ConfigError naming the key."""
     kind = _FIELD_TYPES[f.name]
-    octal = name == "unix_mode" and type(value) is int and value >= 0
+    octal = name in ("unix_mode", "umask") and type(value) is int and value >= 0
     shown = f"0o{value:o}" if octal else _show(value)
     bad = ConfigError(f"{TABLE}.{name} must be {_describe(f)}, got {shown}")
     if kind is int:
@@ -214,6 +379,8 @@ def _check(f: dataclasses.Field[Any], value: Any, name: str) -> Any:
     lo, hi = f.metadata["min"], f.metadata["max"]
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise bad
+    if f.metadata["check"] is not None and (problem := f.metadata["check"](value)):
+        raise ConfigError(f"{TABLE}.{name}: {problem}")
     return value
 
 
@@ -247,7 +414,7 @@ def field_type(f: dataclasses.Field[Any]) -> Any:
 def _toml_literal(value: Any, name: str) -> str:
     if isinstance(value, tuple):
         return "[" + ", ".join(f'"{v}"' for v in value) + "]"
-    if name == "unix_mode":
+    if name in ("unix_mode", "umask") and value >= 0:
         return f"0o{value:o}"
     if isinstance(value, str):
         return f'"{value}"'

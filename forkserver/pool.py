@@ -27,7 +27,7 @@ import socket
 import struct
 import sys
 
-from .child import detach_from_parent, leave, serve
+from .child import ChildLimits, detach_from_parent, leave, serve
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -101,6 +101,7 @@ def run_spare(
     signals: tuple[int, ...],
     run: Callable[[socket.socket, Any], None],
     on_error: Callable[[socket.socket, Any], None],
+    limits: ChildLimits | None = None,
 ) -> NoReturn:
     """Become a spare: wait for one connection, serve it; never returns.
 
@@ -108,7 +109,9 @@ def run_spare(
     status = 1
     try:
         detach_from_parent(parent_fds, signals)
+        if limits is not None:
+            limits.apply_to_process()  # as the user, before any connection arrives
         got = receive_connection(handoff_fd, busy_fd)
-        status = 0 if got is None else serve(got[0], got[1], got[2], run, on_error)
+        status = 0 if got is None else serve(got[0], got[1], got[2], run, on_error, limits)
     finally:
         leave(status)

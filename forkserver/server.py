@@ -13,6 +13,7 @@ import _signal  # enum-free signal calls on the per-connection path (see child.p
 import _thread
 import errno
 import gc
+import heapq
 import os
 import select
 import selectors
@@ -21,11 +22,21 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
-from socket import AF_UNIX, SCM_RIGHTS, SOCK_SEQPACKET, SOL_SOCKET, socketpair
+from socket import (
+    AF_UNIX,
+    MSG_DONTWAIT,
+    SCM_RIGHTS,
+    SHUT_WR,
+    SOCK_SEQPACKET,
+    SOCK_STREAM,
+    SOL_SOCKET,
+    socketpair,
+)
 from socket import socket as Socket
 
 from . import log
-from .child import serve_connection
+from .admission import Admission
+from .child import ChildLimits, serve_connection
 from .children import Child, ChildTable
 from .handlers import import_handler, is_handler_class
 from .listeners import Listener, format_address, open_listeners
@@ -154,6 +165,15 @@ class Server:
         self._in_transit = 0  # connections handed off, not yet reported busy
         self._handoff: Socket | None = None  # the parent's end
         self._handoff_child = self._busy_r = self._busy_w = -1
+        # Admission (admission.py), refusals by reason, per-child limits.
+        self._admission = Admission(settings)
+        self._refuse_when_full = settings.when_full == "refuse"
+        self.refused: dict[str, int] = {}
+        self._refusal_logs: dict[str, _Throttle] = {}
+        self._limits = ChildLimits(settings)
+        self._child_limits = self._limits if self._limits.any else None
+        # max_lifetime: (deadline, pid, started) for each child serving a connection.
+        self._lifetimes: list[tuple[float, int, float]] = []
 
     # -- socketserver-compatible surface ---------------------------------
 
@@ -240,6 +260,8 @@ class Server:
                 selector.register(self._busy_r, selectors.EVENT_READ, _BUSY_PIPE)
                 self._busy_poll = select.poll()
                 self._busy_poll.register(self._busy_r, select.POLLIN)
+            if self.settings.umask >= 0:
+                os.umask(self.settings.umask)
             self._signals_to_reset = (
                 tuple(int(s) for s in HANDLED_SIGNALS) if wakeup.signals_installed else ()
             )
@@ -275,6 +297,7 @@ class Server:
             self._handoff_child = self._busy_r = self._busy_w = -1
             self._idle.clear()
             self._in_transit = 0
+            self._lifetimes.clear()
             selector.close()
             wakeup.close()
             self._wakeup = self._selector = None
@@ -291,6 +314,7 @@ class Server:
                 self._resume_at is not None
                 or self._term_at is not None
                 or self._kill_at is not None
+                or self._lifetimes
             ):
                 self._run_timers()
             if self._stopping and not self.children and not self._queued:
@@ -310,14 +334,24 @@ class Server:
                 self._after_reap(self.children.reap())
 
     def _timeout(self) -> float | None:
-        if self._resume_at is None and self._term_at is None and self._kill_at is None:
+        lifetime = self._lifetimes[0][0] if self._lifetimes else None
+        if (
+            self._resume_at is None
+            and self._term_at is None
+            and self._kill_at is None
+            and lifetime is None
+        ):
             return self._poll_interval  # the common case: sleep until something happens
-        deadlines = [t for t in (self._resume_at, self._term_at, self._kill_at) if t is not None]
+        deadlines = [
+            t for t in (self._resume_at, self._term_at, self._kill_at, lifetime) if t is not None
+        ]
         wait = max(0.0, min(deadlines) - time.monotonic())
         return wait if self._poll_interval is None else min(wait, self._poll_interval)
 
     def _run_timers(self) -> None:
         now = time.monotonic()
+        while self._lifetimes and self._lifetimes[0][0] <= now:
+            self._lifetime_over(*heapq.heappop(self._lifetimes))
         if self._resume_at is not None and now >= self._resume_at:
             self._resume_at = None
             self._resume_listening()
@@ -338,6 +372,26 @@ class Server:
                 logger.warning("sending SIGKILL to %d children", len(self.children))
                 self.children.signal_all(signal.SIGKILL)
 
+    def _lifetime_over(self, deadline: float, pid: int, started: float) -> None:
+        """A child reached max_lifetime: SIGTERM, then SIGKILL after kill_timeout."""
+        child = self.children.get(pid)
+        if child is None or child.started != started:
+            return  # it exited meanwhile (its pid may even be someone else's now)
+        overdue = deadline - started > self.settings.max_lifetime  # the SIGTERM was sent
+        logger.warning(
+            "child %d for %s exceeded max_lifetime (%gs): %s",
+            pid,
+            child.peer_text,
+            self.settings.max_lifetime,
+            "SIGKILL" if overdue else "SIGTERM",
+        )
+        try:
+            os.kill(pid, signal.SIGKILL if overdue else signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        if not overdue:
+            heapq.heappush(self._lifetimes, (deadline + self.settings.kill_timeout, pid, started))
+
     # -- accepting and forking ---------------------------------------------
 
     def _accept(self, listener: Listener) -> None:
@@ -357,21 +411,61 @@ class Server:
                 self._accept_failed(listener, exc)
             return
         self.accepted += 1
-        if not self._dispatch(fd, listener.family, peer):
+        family = listener.family
+        if self._admission.enabled:
+            reason = self._admission.check(family, peer, len(self.children))
+            if reason is not None:
+                self._refuse(fd, family, peer, reason)
+                return
+        if not self._dispatch(fd, family, peer):
+            if self._refuse_when_full:
+                self._refuse(fd, family, peer, "full")
+                return
             # Only when a spare looked free but the handoff queue was full at
             # max_children; the next child to exit makes room for it.
-            self._queued.append((fd, listener.family, peer))
+            self._queued.append((fd, family, peer))
         if not self._can_accept():
             self._pause_listening()
 
     def _can_accept(self) -> bool:
-        """Whether a connection accepted now would get a child at once."""
-        return len(self.children) < self.settings.max_children or len(self._idle) > self._in_transit
+        """Whether to accept now: a connection would get a child at once, or
+        when_full = "refuse" (it would get the busy message)."""
+        return (
+            self._refuse_when_full
+            or len(self.children) < self.settings.max_children
+            or len(self._idle) > self._in_transit
+        )
+
+    def _refuse(self, fd: int, family: int, peer: Any, reason: str) -> None:
+        """Close a connection the admission rules (or a full server) refuse,
+        after the busy message; count and log it, at most once per interval
+        per reason, so a flood cannot flood the log."""
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        throttle = self._refusal_logs.get(reason)
+        if throttle is None:
+            throttle = self._refusal_logs[reason] = _Throttle(LOG_INTERVAL)
+        if throttle.ready():
+            held = throttle.take_suppressed()
+            logger.warning(
+                "refused %s: %s%s",
+                format_address(family, peer),
+                reason,
+                f" ({held} more refused for this reason since the last report)" if held else "",
+            )
+        sock = Socket(family, SOCK_STREAM, 0, fd)
+        try:
+            if self.settings.busy_message:
+                sock.send(self.settings.busy_message.encode(), MSG_DONTWAIT)
+            sock.shutdown(SHUT_WR)
+        except OSError:
+            pass  # the client left already; it is refused all the same
+        sock.close()
 
     def _dispatch(self, fd: int, family: int, peer: Any) -> bool:
         """Give accepted connection *fd* to an idle spare, or fork a child for
         it; False when neither is possible (max_children reached)."""
         if len(self._idle) > self._in_transit and self._hand_off(fd, family, peer):
+            self._admission.opened(self._admission.source(family, peer))
             return True
         if len(self.children) >= self.settings.max_children:
             return False
@@ -436,8 +530,8 @@ class Server:
         try:
             pid = self._fork()
         except OSError as exc:
-            os.close(fd)
-            self._fork_failed(exc, f"closed the connection from {format_address(family, peer)}")
+            self._fork_failed(exc, f"refusing the connection from {format_address(family, peer)}")
+            self._refuse(fd, family, peer, "fork_failed")
             return
         if pid == 0:
             serve_connection(
@@ -448,11 +542,24 @@ class Server:
                 self._signals_to_reset,
                 self.finish_request,
                 self.handle_error,
+                self._child_limits,
             )
         # close() only drops a reference: if the parent kept its copy, the
         # client would never see EOF when the child is done.
         os.close(fd)
-        self._track(Child(pid, family, peer, time.monotonic()))
+        child = Child(pid, family, peer, time.monotonic())
+        self._track(child)
+        self._serving_starts(child)
+        self._admission.opened(child.source)
+
+    def _serving_starts(self, child: Child) -> None:
+        """*child* now serves a connection: note the source it counts against,
+        and start its max_lifetime."""
+        if self._admission.enabled:
+            child.source = self._admission.source(child.family, child.peer)
+        if self.settings.max_lifetime:
+            deadline = child.started + self.settings.max_lifetime
+            heapq.heappush(self._lifetimes, (deadline, child.pid, child.started))
 
     def _spawn_spare(self) -> bool:
         """Fork a spare that waits for one connection from the parent (pool.py)."""
@@ -469,6 +576,7 @@ class Server:
                 self._signals_to_reset,
                 self.finish_request,
                 self.handle_error,
+                self._child_limits,
             )
         self._track(Child(pid, 0, None, time.monotonic()))
         self._idle.add(pid)
@@ -500,6 +608,7 @@ class Server:
             child = self.children.get(pid)
             if child is not None:
                 child.family, child.peer, child.started = family, peer, now
+                self._serving_starts(child)  # counted against its source at handoff
         self._fill_pool()
 
     # Which fds a new child closes is read from the live state, in the child,
@@ -595,9 +704,15 @@ class Server:
     def _after_reap(self, gone: list[Child]) -> None:
         if not gone:
             return
-        if self._idle:
-            for child in gone:
-                self._idle.discard(child.pid)
+        for child in gone:
+            self._idle.discard(child.pid)
+            self._admission.closed(child.source)
+        if len(self._lifetimes) > 2 * len(self.children) + 64:
+            # Entries of exited children wait for their deadline to be popped;
+            # rebuild from the living when they outnumber them, so the heap
+            # stays O(children), not O(connections per max_lifetime).
+            self._lifetimes = [e for e in self._lifetimes if e[1] in self.children]
+            heapq.heapify(self._lifetimes)
         while self._queued:
             # Off the queue before its child is forked: a new child closes
             # every queued fd, as other clients' connections.
