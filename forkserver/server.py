@@ -174,6 +174,9 @@ class Server:
         self._child_limits = self._limits if self._limits.any else None
         # max_lifetime: (deadline, pid, started) for each child serving a connection.
         self._lifetimes: list[tuple[float, int, float]] = []
+        # Whether a new child needs anything beyond the child table (kept as
+        # one flag: the per-connection path stays a few attribute reads).
+        self._per_child_work = self._admission.enabled or bool(settings.max_lifetime)
 
     # -- socketserver-compatible surface ---------------------------------
 
@@ -465,7 +468,8 @@ class Server:
         """Give accepted connection *fd* to an idle spare, or fork a child for
         it; False when neither is possible (max_children reached)."""
         if len(self._idle) > self._in_transit and self._hand_off(fd, family, peer):
-            self._admission.opened(self._admission.source(family, peer))
+            if self._admission.enabled:
+                self._admission.opened(self._admission.source(family, peer))
             return True
         if len(self.children) >= self.settings.max_children:
             return False
@@ -549,8 +553,9 @@ class Server:
         os.close(fd)
         child = Child(pid, family, peer, time.monotonic())
         self._track(child)
-        self._serving_starts(child)
-        self._admission.opened(child.source)
+        if self._per_child_work:
+            self._serving_starts(child)
+            self._admission.opened(child.source)
 
     def _serving_starts(self, child: Child) -> None:
         """*child* now serves a connection: note the source it counts against,
@@ -704,9 +709,12 @@ class Server:
     def _after_reap(self, gone: list[Child]) -> None:
         if not gone:
             return
-        for child in gone:
-            self._idle.discard(child.pid)
-            self._admission.closed(child.source)
+        if self._per_child_work:
+            for child in gone:
+                self._admission.closed(child.source)
+        if self._idle:
+            for child in gone:
+                self._idle.discard(child.pid)
         if len(self._lifetimes) > 2 * len(self.children) + 64:
             # Entries of exited children wait for their deadline to be popped;
             # rebuild from the living when they outnumber them, so the heap
