@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["BOOT_ENV", "exec_lean_parent", "lean_main"]
 
 BOOT_ENV = "FORKSERVER_BOOT"
+_SET_BY_US = "FORKSERVER_SET_ENV"  # variables we set only for the exec
 
 
 def exec_lean_parent(
@@ -56,6 +57,12 @@ def exec_lean_parent(
         "listeners": [lis.inherit() for lis in listeners],
     }
     os.environ[BOOT_ENV] = marshal.dumps(state).hex()
+    # Resolve every symbol of libpython and libc once, in the parent, rather
+    # than lazily on first call in each child (each resolution writes the GOT,
+    # a page copied per child: ~14 faults per connection, measured).
+    if "LD_BIND_NOW" not in os.environ:
+        os.environ["LD_BIND_NOW"] = "1"
+        os.environ[_SET_BY_US] = "LD_BIND_NOW"
     # Keep the interpreter's own flags (-X dev, -W ...), as multiprocessing does.
     flags = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
     if not _site_needed():
@@ -107,6 +114,8 @@ def lean_main(blob: str) -> int:
     from .server import Server
 
     state = marshal.loads(bytes.fromhex(blob))
+    if os.environ.pop(_SET_BY_US, None):  # ld.so has read it: keep it from handlers
+        os.environ.pop("LD_BIND_NOW", None)
     sys.path[:] = state["path"]
     _restore_site_builtins()
     settings: Settings = SimpleNamespace(**state["settings"])  # type: ignore[assignment]
