@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def _settings(args: argparse.Namespace, activated: bool = False) -> Settings:
     from .config import ConfigError, Settings, cli_flags, load
 
     settings = load(args.config) if args.config else Settings()
@@ -73,7 +73,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     where = args.config or "command line"
     if not settings.handler:
         raise ConfigError(f'{where}: server.handler is required (e.g. handler = "module:attr")')
-    if not settings.host and not settings.unix:
+    if not settings.host and not settings.unix and not activated:
         raise ConfigError(f"{where}: no listener: host and unix are both empty")
     return settings
 
@@ -88,11 +88,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _start(argv: list[str]) -> int:
-    from . import log
+    from . import log, pidfile
     from .boot import exec_lean_parent
     from .errors import BindError, ConfigError
     from .handlers import import_handler
-    from .listeners import open_listeners
+    from .listeners import adopt_activated, open_listeners
+    from .systemd import listen_fds
 
     args = _parser().parse_args(argv)
     # Like gunicorn: handler modules next to where the server is started are
@@ -100,8 +101,9 @@ def _start(argv: list[str]) -> int:
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     where = args.config or "command line"
+    activated = listen_fds()  # systemd socket activation: its sockets, not ours
     try:
-        settings = _settings(args)  # checks --log-level too, so set it up after
+        settings = _settings(args, bool(activated))  # checks --log-level, so set it up after
         log.setup(settings.log_level)
         if args.check:
             import_handler(settings.handler, where)
@@ -110,9 +112,15 @@ def _start(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"forkserver: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if settings.pidfile and (other := pidfile.running(settings.pidfile)):
+        print(f"forkserver: {settings.pidfile}: already running as pid {other}", file=sys.stderr)
+        return EXIT_FAILURE
     s = settings
     try:
-        listeners = open_listeners(s.host, s.port, s.unix, s.backlog, s.unix_mode)
+        if activated:
+            listeners = adopt_activated(activated)
+        else:
+            listeners = open_listeners(s.host, s.port, s.unix, s.backlog, s.unix_mode)
     except BindError as exc:
         print(f"forkserver: {exc}", file=sys.stderr)
         return EXIT_FAILURE

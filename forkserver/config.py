@@ -152,6 +152,12 @@ class Settings:
         max=3600,
     )
     log_level: str = _setting("info", "Logging level.", cli="--log-level", choices=LOG_LEVELS)
+    pidfile: str = _setting(
+        "",
+        "Write the parent's pid here once it is ready; removed at exit. Refuses to start "
+        "while the file names a live process.",
+        cli="--pidfile",
+    )
     # -- admission: decided in the parent after accept(), before any fork ----
     when_full: str = _setting(
         "wait",

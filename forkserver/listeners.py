@@ -163,6 +163,25 @@ def _bind_unix(path: str, backlog: int, mode: int) -> Listener:
     return Listener(sock, unix_inode=(st.st_dev, st.st_ino))
 
 
+def adopt_activated(fds: list[tuple[int, str]]) -> list[Listener]:
+    """Listeners from sockets passed by systemd (socket activation)."""
+    listeners = []
+    for fd, name in fds:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            raise BindError(f"fd {fd} ({name}) from systemd: {exc.strerror}") from None
+        if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+        ):
+            sock.detach()
+            raise BindError(f"fd {fd} ({name}) from systemd is not a listening stream socket")
+        sock.detach()
+        listeners.append(Listener.adopt(fd))
+        logger.info("using socket %s (%s) passed by systemd", listeners[-1].name, name)
+    return listeners
+
+
 def open_listeners(
     hosts: tuple[str, ...], port: int, unix_paths: tuple[str, ...], backlog: int, unix_mode: int
 ) -> list[Listener]:

@@ -34,7 +34,7 @@ from socket import (
 )
 from socket import socket as Socket
 
-from . import log
+from . import log, pidfile, systemd
 from .admission import Admission
 from .child import ChildLimits, serve_connection
 from .children import Child, ChildTable
@@ -276,6 +276,8 @@ class Server:
             # collector from touching (and so copying) those pages after fork.
             gc.collect()
             gc.freeze()
+            if self.settings.pidfile:  # before anything says we are ready
+                pidfile.write(self.settings.pidfile)
             for listener in self.listeners:
                 logger.info("listening on %s", listener.name)
             logger.info(
@@ -285,8 +287,11 @@ class Server:
                 self.settings.max_children,
                 self.settings.spare_children,
             )
+            systemd.notify(f"READY=1\nMAINPID={os.getpid()}")
             self._loop(selector, wakeup)
         finally:
+            if self.settings.pidfile:
+                pidfile.remove(self.settings.pidfile)
             self._serving = False
             if self.children:  # only if the loop died of an exception
                 self._stop_leftover_children()
@@ -764,6 +769,7 @@ class Server:
     def _begin_stop(self, immediate: bool = False, close_listeners: bool = True) -> None:
         if not self._stopping:
             self._stopping = True
+            systemd.notify("STOPPING=1")
             self._pause_listening()
             if close_listeners:
                 self._close_listeners(drain=not immediate)
