@@ -31,21 +31,52 @@ from .listeners import Listener
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from typing import Any
 
     from .config import Settings
 
-__all__ = ["BOOT_ENV", "exec_lean_parent", "lean_main"]
+__all__ = ["BOOT_ENV", "INHERIT_ENV", "exec_lean_parent", "handover_env", "lean_main"]
 
 BOOT_ENV = "FORKSERVER_BOOT"
+# A reload (same pid, re-executed) or an upgrade (a new parent) hands over
+# its listeners, and for a reload its children, to a parent that starts from
+# the command line again: it reads the new config, keeps the listeners whose
+# address is unchanged and adopts the children still serving.
+INHERIT_ENV = "FORKSERVER_INHERIT"
 _SET_BY_US = "FORKSERVER_SET_ENV"  # variables we set only for the exec
 
 
+def handover_env(
+    listeners: Sequence[Listener],
+    children: list[tuple[int, int, Any, float]] | None = None,
+    ready_fd: int = -1,
+) -> str:
+    """The INHERIT_ENV value; marks the listeners' fds to survive exec."""
+    state = {
+        "listeners": [lis.inherit() for lis in listeners],
+        "children": children or [],
+        "ready_fd": ready_fd,
+    }
+    return marshal.dumps(state).hex()
+
+
+def take_handover() -> dict[str, Any] | None:
+    """What a reloading or upgrading parent handed over, if anything."""
+    blob = os.environ.pop(INHERIT_ENV, None)
+    return marshal.loads(bytes.fromhex(blob)) if blob else None
+
+
 def exec_lean_parent(
-    settings: Settings, source: str, listeners: Sequence[Listener], argv: list[str]
+    settings: Settings,
+    source: str,
+    listeners: Sequence[Listener],
+    argv: list[str],
+    handover: dict[str, Any] | None = None,
 ) -> None:
     """Replace this process with a lean parent; never returns.
 
-    *source* names where the settings came from, for error messages."""
+    *source* names where the settings came from, for error messages;
+    *handover* carries children to adopt and a readiness fd (take_handover)."""
     import dataclasses
     import subprocess
 
@@ -55,6 +86,9 @@ def exec_lean_parent(
         "source": source,
         "path": [root, *sys.path],
         "listeners": [lis.inherit() for lis in listeners],
+        "argv": argv,
+        "children": (handover or {}).get("children", []),
+        "ready_fd": (handover or {}).get("ready_fd", -1),
     }
     os.environ[BOOT_ENV] = marshal.dumps(state).hex()
     # Resolve every symbol of libpython and libc once, in the parent, rather
@@ -131,6 +165,7 @@ def lean_main(blob: str) -> int:
     # If the handler module brought in stdlib logging, route through it.
     log.setup(settings.log_level)
     server = Server.from_settings(settings, handler, listeners)
+    server.adopt(state["argv"], state["children"], state["ready_fd"])
     try:
         server.serve_forever()
     finally:

@@ -18,7 +18,7 @@ from .listeners import format_address
 # typing stays out of the serving parent: only the type checker reads these.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from typing import Any
 
 __all__ = ["Child", "ChildTable", "describe_status"]
@@ -64,6 +64,9 @@ class ChildTable:
 
     def __init__(self) -> None:
         self._children: dict[int, Child] = {}
+        # Processes the parent started that are not children serving
+        # connections (a config check, a new parent): pid -> called with status.
+        self._watched: dict[int, Callable[[int], None]] = {}
         self.exited_ok = 0
         self.exited_error = 0
         self.exited_signal = 0
@@ -76,6 +79,9 @@ class ChildTable:
 
     def __contains__(self, pid: int) -> bool:
         return pid in self._children
+
+    def watch(self, pid: int, on_exit: Callable[[int], None]) -> None:
+        self._watched[pid] = on_exit
 
     def add(self, child: Child) -> None:
         self._children[child.pid] = child
@@ -91,7 +97,7 @@ class ChildTable:
         gone: list[Child] = []
         # Stop when the table is empty rather than on ECHILD: no exception in
         # the common case of the last child exiting.
-        while self._children:
+        while self._children or self._watched:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:  # someone else reaped ours (SIGCHLD ignored?)
@@ -114,6 +120,9 @@ class ChildTable:
     def exited(self, pid: int, status: int) -> Child | None:
         """Record that *pid* ended with raw *status*; log it if abnormal."""
         child = self._children.pop(pid, None)
+        if child is None and pid in self._watched:
+            self._watched.pop(pid)(status)
+            return None
         if child is None:
             # Another library's child: waitpid(-1) has taken its status, which
             # is all we can do for it; say so rather than lose it silently.

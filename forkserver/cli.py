@@ -89,10 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _start(argv: list[str]) -> int:
     from . import log, pidfile
-    from .boot import exec_lean_parent
+    from .boot import exec_lean_parent, take_handover
     from .errors import BindError, ConfigError
     from .handlers import import_handler
-    from .listeners import adopt_activated, open_listeners
+    from .listeners import Listener, adopt_activated, open_listeners
     from .systemd import listen_fds
 
     args = _parser().parse_args(argv)
@@ -101,9 +101,10 @@ def _start(argv: list[str]) -> int:
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     where = args.config or "command line"
-    activated = listen_fds()  # systemd socket activation: its sockets, not ours
+    handover = take_handover()  # a reload or an upgrade: listeners (and children) to keep
+    activated = [] if handover else listen_fds()  # systemd: its sockets, not ours
     try:
-        settings = _settings(args, bool(activated))  # checks --log-level, so set it up after
+        settings = _settings(args, bool(activated or handover))  # checks --log-level first
         log.setup(settings.log_level)
         if args.check:
             import_handler(settings.handler, where)
@@ -112,17 +113,24 @@ def _start(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"forkserver: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if settings.pidfile and (other := pidfile.running(settings.pidfile)):
+    if settings.pidfile and not handover and (other := pidfile.running(settings.pidfile)):
         print(f"forkserver: {settings.pidfile}: already running as pid {other}", file=sys.stderr)
         return EXIT_FAILURE
     s = settings
+    inherited = [Listener.adopt(**info) for info in (handover or {}).get("listeners", [])]
     try:
         if activated:
             listeners = adopt_activated(activated)
         else:
-            listeners = open_listeners(s.host, s.port, s.unix, s.backlog, s.unix_mode)
+            listeners = open_listeners(
+                s.host, s.port, s.unix, s.backlog, s.unix_mode, reuse=inherited
+            )
     except BindError as exc:
-        print(f"forkserver: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    exec_lean_parent(settings, where, listeners, argv)
+        if not inherited:
+            print(f"forkserver: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        # A reload must not take the server down: serve on what we had.
+        log.get_logger("forkserver.cli").error("%s; keeping the listeners we had", exc)
+        listeners = inherited
+    exec_lean_parent(settings, where, listeners, argv, handover)
     return EXIT_FAILURE  # not reached: exec_lean_parent replaces this process

@@ -12,6 +12,7 @@ import errno
 import os
 import socket
 import stat
+from collections.abc import Sequence
 
 from . import log
 from .errors import BindError
@@ -45,10 +46,18 @@ def format_address(family: int, address: object) -> str:
 class Listener:
     """One bound, listening, non-blocking socket."""
 
-    def __init__(self, sock: socket.socket, unix_inode: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        unix_inode: tuple[int, int] | None = None,
+        key: tuple[str, ...] = (),
+    ) -> None:
         self.sock = sock
         self.family = sock.family
         self.address = sock.getsockname()
+        # What the config said ("tcp", host, port) / ("unix", path), or
+        # ("systemd", name): a reload keeps a listener whose key is unchanged.
+        self.key = key
         # (st_dev, st_ino) of the socket file we created, so that close() never
         # unlinks a file that a successor server has since put at the same path.
         self._unix_inode = unix_inode
@@ -71,15 +80,18 @@ class Listener:
     def inherit(self) -> dict[str, object]:
         """Mark the fd to survive exec(); returns what adopt() needs on the other side."""
         os.set_inheritable(self.sock.fileno(), True)
-        return {"fd": self.sock.fileno(), "unix_inode": self._unix_inode}
+        return {"fd": self.sock.fileno(), "unix_inode": self._unix_inode, "key": self.key}
 
     @classmethod
-    def adopt(cls, fd: int, unix_inode: list[int] | None = None) -> Listener:
+    def adopt(
+        cls, fd: int, unix_inode: Sequence[int] | None = None, key: Sequence[str] = ()
+    ) -> Listener:
         """Take over a listening socket inherited as *fd* (after exec)."""
         sock = socket.socket(fileno=fd)
         sock.set_inheritable(False)
         sock.setblocking(False)
-        return cls(sock, (unix_inode[0], unix_inode[1]) if unix_inode else None)
+        inode = (unix_inode[0], unix_inode[1]) if unix_inode else None
+        return cls(sock, inode, tuple(key))
 
     def close_and_unlink(self) -> None:
         self.close()
@@ -115,7 +127,7 @@ def _bind_tcp(host: str, port: int, backlog: int, dual_stack: bool) -> Listener:
     except OSError as exc:
         sock.close()
         raise BindError(f"cannot listen on {shown}: {exc.strerror}") from None
-    return Listener(sock)
+    return Listener(sock, key=("tcp", host, str(port)))
 
 
 def _remove_stale_unix(path: str) -> None:
@@ -160,7 +172,7 @@ def _bind_unix(path: str, backlog: int, mode: int) -> Listener:
     except OSError as exc:
         sock.close()
         raise BindError(f"cannot listen on unix:{path}: {exc.strerror}") from None
-    return Listener(sock, unix_inode=(st.st_dev, st.st_ino))
+    return Listener(sock, unix_inode=(st.st_dev, st.st_ino), key=("unix", path))
 
 
 def adopt_activated(fds: list[tuple[int, str]]) -> list[Listener]:
@@ -177,15 +189,26 @@ def adopt_activated(fds: list[tuple[int, str]]) -> list[Listener]:
             sock.detach()
             raise BindError(f"fd {fd} ({name}) from systemd is not a listening stream socket")
         sock.detach()
-        listeners.append(Listener.adopt(fd))
+        listeners.append(Listener.adopt(fd, key=("systemd", name)))
         logger.info("using socket %s (%s) passed by systemd", listeners[-1].name, name)
     return listeners
 
 
 def open_listeners(
-    hosts: tuple[str, ...], port: int, unix_paths: tuple[str, ...], backlog: int, unix_mode: int
+    hosts: tuple[str, ...],
+    port: int,
+    unix_paths: tuple[str, ...],
+    backlog: int,
+    unix_mode: int,
+    reuse: Sequence[Listener] = (),
 ) -> list[Listener]:
-    """Bind every configured address, or close what was bound and raise BindError."""
+    """Bind every configured address, or close what was bound and raise BindError.
+
+    *reuse* are listeners inherited across a reload: one whose configured
+    address is still configured is kept (its queue, and the connections
+    waiting in it, survive); the others are closed once the rest is bound.
+    Sockets systemd passed are always kept."""
+    kept = {lis.key: lis for lis in reuse}
     cap = somaxconn()
     if cap is not None and backlog > cap:
         logger.warning(
@@ -199,12 +222,26 @@ def open_listeners(
     v4_wildcard = any(h in ("", "0.0.0.0") for h in hosts)
     listeners: list[Listener] = []
     try:
-        for host in hosts:
-            listeners.append(_bind_tcp(host, port, backlog, dual_stack=not v4_wildcard))
-        for path in unix_paths:
-            listeners.append(_bind_unix(path, backlog, unix_mode))
+        wanted: list[tuple[str, ...]] = [("tcp", h, str(port)) for h in hosts]
+        wanted += [("unix", p) for p in unix_paths]
+        for key in wanted:
+            old = kept.pop(key, None)
+            if old is not None:
+                old.sock.listen(backlog)  # the backlog may have changed
+                listeners.append(old)
+            elif key[0] == "tcp":
+                listeners.append(_bind_tcp(key[1], port, backlog, dual_stack=not v4_wildcard))
+            else:
+                listeners.append(_bind_unix(key[1], backlog, unix_mode))
     except BindError:
         for listener in listeners:
-            listener.close_and_unlink()
+            if listener not in reuse:
+                listener.close_and_unlink()
         raise
+    for old_key, old in kept.items():
+        if old_key[0] == "systemd":
+            listeners.append(old)
+        else:
+            logger.info("closing listener %s: no longer configured", old.name)
+            old.close_and_unlink()
     return listeners

@@ -36,8 +36,9 @@ from socket import socket as Socket
 
 from . import log, pidfile, systemd
 from .admission import Admission
+from .boot import INHERIT_ENV, handover_env
 from .child import ChildLimits, serve_connection
-from .children import Child, ChildTable
+from .children import Child, ChildTable, describe_status
 from .handlers import import_handler, is_handler_class
 from .listeners import Listener, format_address, open_listeners
 from .pool import BUSY_RECORD, decode_busy, encode_peer, run_spare
@@ -46,7 +47,7 @@ from .wakeup import HANDLED_SIGNALS, Wakeup
 # typing stays out of the serving parent: only the type checker reads these.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, NoReturn
 
     from .config import Settings
     from .handlers import HandlerType
@@ -61,6 +62,7 @@ _SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 _BACKOFF_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 BACKOFF_SECONDS = 0.1
 _BUSY_PIPE = "busy-pipe"  # selector data for the pool's busy pipe
+_UPGRADE_PIPE = "upgrade-pipe"  # selector data: a new parent says it is ready
 # Read whole records only: records are written atomically, so a read whose
 # size is a multiple of the record size never splits one.
 _BUSY_READ = BUSY_RECORD.size * 2048
@@ -174,9 +176,30 @@ class Server:
         self._child_limits = self._limits if self._limits.any else None
         # max_lifetime: (deadline, pid, started) for each child serving a connection.
         self._lifetimes: list[tuple[float, int, float]] = []
+        # Reload and upgrade (re-executing the command line), when started by it.
+        self._argv: list[str] | None = None
+        self._ready_fd = -1  # tell the parent that started us (an upgrade) we are up
+        self._check: tuple[int, int] | None = None  # a reload's config check: pid, output
+        self._upgrade: tuple[int, int] | None = None  # a new parent: pid, its readiness pipe
         # Whether a new child needs anything beyond the child table (kept as
         # one flag: the per-connection path stays a few attribute reads).
         self._per_child_work = self._admission.enabled or bool(settings.max_lifetime)
+
+    def adopt(
+        self, argv: list[str], children: list[tuple[int, int, Any, float]], ready_fd: int
+    ) -> None:
+        """Started by the command line (boot.py): remember its arguments for
+        reload and upgrade, adopt the children a reload handed over, and the
+        fd on which to say "ready" to the parent an upgrade came from."""
+        self._argv = argv
+        self._ready_fd = ready_fd
+        now = time.monotonic()
+        for pid, family, peer, age in children:
+            child = Child(pid, family, peer, now - age)
+            self.children.add(child)
+            if self._per_child_work:
+                self._serving_starts(child)
+                self._admission.opened(child.source)
 
     # -- socketserver-compatible surface ---------------------------------
 
@@ -288,6 +311,15 @@ class Server:
                 self.settings.spare_children,
             )
             systemd.notify(f"READY=1\nMAINPID={os.getpid()}")
+            if self._ready_fd >= 0:  # the old parent of an upgrade may stop now
+                try:
+                    os.write(self._ready_fd, b"ready")
+                except OSError:
+                    pass  # it is gone already
+                os.close(self._ready_fd)
+                self._ready_fd = -1
+            # Children adopted across a reload may have exited meanwhile.
+            self._after_reap(self.children.reap())
             self._loop(selector, wakeup)
         finally:
             if self.settings.pidfile:
@@ -336,6 +368,8 @@ class Server:
                     self._accept(data)
                 elif data is _BUSY_PIPE:
                     self._read_busy()
+                elif data is _UPGRADE_PIPE:
+                    self._upgrade_answer()
                 else:  # a child's pidfd became readable: it has exited
                     self._reap_pidfd(data)
             if self._poll_interval is not None:
@@ -757,21 +791,151 @@ class Server:
     def handle_quit(self) -> None:
         self._begin_stop(immediate=True)
 
-    def handle_hup(self) -> None:
-        logger.warning("SIGHUP ignored: reloading is not supported by this version")
-
     def handle_usr1(self) -> None:
         logger.info("SIGUSR1 ignored")
 
-    def handle_usr2(self) -> None:
-        logger.info("SIGUSR2 ignored")
+    # -- reload (SIGHUP) and upgrade (SIGUSR2) -------------------------------
 
-    def _begin_stop(self, immediate: bool = False, close_listeners: bool = True) -> None:
+    def _spawn_command(self, argv: list[str], env: dict[str, str], out: int = -1) -> int:
+        """posix_spawn python -m forkserver *argv* (not subprocess, which would
+        import threading into the parent: see log.py); returns the pid."""
+        actions = [(os.POSIX_SPAWN_DUP2, out, 1), (os.POSIX_SPAWN_DUP2, out, 2)] if out >= 0 else []
+        return os.posix_spawn(
+            sys.executable, [sys.executable, "-m", "forkserver", *argv], env, file_actions=actions
+        )
+
+    def _command_env(self) -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if k not in ("FORKSERVER_BOOT",)}
+
+    def handle_hup(self) -> None:
+        """Reload: check the new config in a separate process; if it is valid,
+        re-execute (same pid) with the listeners and children handed over."""
+        if self._argv is None:
+            logger.warning("SIGHUP ignored: reload needs the command line (python -m forkserver)")
+            return
+        if self._check is not None or self._stopping:
+            logger.info(
+                "SIGHUP ignored: %s", "a reload is in progress" if self._check else "stopping"
+            )
+            return
+        systemd.notify("RELOADING=1")
+        logger.info("SIGHUP: checking the new config before reloading")
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            pid = self._spawn_command([*self._argv, "--check"], self._command_env(), out=w)
+        except OSError as exc:
+            os.close(r)
+            logger.error("reload failed: cannot start the config check: %s", exc.strerror)
+            systemd.notify("READY=1")
+            return
+        finally:
+            os.close(w)
+        self._check = (pid, r)
+        self.children.watch(pid, self._check_done)
+
+    def _check_done(self, status: int) -> None:
+        assert self._check is not None
+        _, r = self._check
+        self._check = None
+        output = b""
+        try:
+            while chunk := os.read(r, 65536):
+                output += chunk
+        finally:
+            os.close(r)
+        if status != 0:
+            lines = output.decode(errors="replace").strip().splitlines() or ["(no output)"]
+            logger.error("reload refused, still serving the old config: %s", lines[-1])
+            systemd.notify("READY=1")
+            return
+        logger.info("reloading: the new config is valid; re-executing (pid %d)", os.getpid())
+        self._reexec()
+
+    def _reexec(self) -> NoReturn:
+        """Become a new parent in place: same pid, same listeners, same children."""
+        assert self._argv is not None
+        self._retire_spares()  # idle spares run the old code: they exit on EOF
+        now = time.monotonic()
+        children = [(c.pid, int(c.family), c.peer, now - c.started) for c in self.children]
+        env = self._command_env()
+        env[INHERIT_ENV] = handover_env(self.listeners, children)
+        for fd, family, peer in self._queued:  # rare: hand them to a spare-less start
+            os.close(fd)
+            logger.warning(
+                "reload: closed a connection from %s queued at the limit",
+                format_address(family, peer),
+            )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "forkserver", *self._argv], env)
+
+    def handle_usr2(self) -> None:
+        """Upgrade: start a new parent (new code) on the same listeners; stop
+        accepting once it says it is ready, then drain and exit."""
+        if self._argv is None:
+            logger.warning("SIGUSR2 ignored: upgrade needs the command line (python -m forkserver)")
+            return
+        if self._upgrade is not None or self._stopping:
+            logger.info(
+                "SIGUSR2 ignored: %s", "an upgrade is in progress" if self._upgrade else "stopping"
+            )
+            return
+        r, w = os.pipe2(os.O_CLOEXEC)
+        env = self._command_env()
+        env[INHERIT_ENV] = handover_env(self.listeners, ready_fd=w)
+        os.set_inheritable(w, True)
+        try:
+            pid = self._spawn_command(self._argv, env)
+        except OSError as exc:
+            os.close(r)
+            logger.error("upgrade failed: cannot start a new parent: %s", exc.strerror)
+            return
+        finally:
+            os.close(w)
+            for listener in self.listeners:
+                if not listener.closed:
+                    os.set_inheritable(listener.fileno(), False)
+        logger.info("SIGUSR2: started a new parent, pid %d; serving until it is ready", pid)
+        self._upgrade = (pid, r)
+        assert self._selector is not None
+        self._selector.register(r, selectors.EVENT_READ, _UPGRADE_PIPE)
+        self.children.watch(pid, self._new_parent_exited)
+
+    def _upgrade_answer(self) -> None:
+        assert self._upgrade is not None and self._selector is not None
+        pid, r = self._upgrade
+        try:
+            said = os.read(r, 16)
+        except OSError:
+            said = b""
+        self._selector.unregister(r)
+        os.close(r)
+        if said:
+            logger.info("new parent %d is ready: handing over and stopping", pid)
+            systemd.notify(f"MAINPID={pid}")
+            self._begin_stop(handover=True)
+        else:
+            self._upgrade = None
+            logger.error("upgrade failed: the new parent %d exited before it was ready", pid)
+
+    def _new_parent_exited(self, status: int) -> None:
+        if self._upgrade is not None and not self._stopping:
+            logger.error("upgrade failed: the new parent exited with %s", describe_status(status))
+
+    def _begin_stop(
+        self, immediate: bool = False, close_listeners: bool = True, handover: bool = False
+    ) -> None:
         if not self._stopping:
             self._stopping = True
-            systemd.notify("STOPPING=1")
+            if not handover:  # after an upgrade, the new parent is the service
+                systemd.notify("STOPPING=1")
             self._pause_listening()
-            if close_listeners:
+            if handover:
+                # The new parent accepts from the same queues: leave them (and
+                # the Unix socket files) to it, just let go of our copies.
+                for listener in self.listeners:
+                    listener.close()
+            elif close_listeners:
                 self._close_listeners(drain=not immediate)
             self._retire_spares()
             if not immediate:
