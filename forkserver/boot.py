@@ -72,6 +72,7 @@ def exec_lean_parent(
     listeners: Sequence[Listener],
     argv: list[str],
     handover: dict[str, Any] | None = None,
+    metrics_listener: Listener | None = None,
 ) -> None:
     """Replace this process with a lean parent; never returns.
 
@@ -87,6 +88,7 @@ def exec_lean_parent(
         "path": [root, *sys.path],
         "listeners": [lis.inherit() for lis in listeners],
         "argv": argv,
+        "metrics": metrics_listener.inherit() if metrics_listener else None,
         "children": (handover or {}).get("children", []),
         "ready_fd": (handover or {}).get("ready_fd", -1),
     }
@@ -165,6 +167,8 @@ def lean_main(blob: str) -> int:
     # If the handler module brought in stdlib logging, route through it.
     log.setup(settings.log_level)
     server = Server.from_settings(settings, handler, listeners)
+    if state["metrics"]:
+        server.metrics_listener = Listener.adopt(**state["metrics"])
     server.adopt(state["argv"], state["children"], state["ready_fd"])
     try:
         server.serve_forever()

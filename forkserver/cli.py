@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="forkserver",
         description="Serve each TCP or Unix-socket connection in its own forked child.",
-        epilog="Settings come from the config's [server] table; flags override them.",
+        epilog="Settings come from the config's [server] table; flags override them. "
+        "'forkserver status --help': the live children of a running server.",
     )
     parser.add_argument("-c", "--config", metavar="FILE", help="TOML config file")
     parser.add_argument(
@@ -84,7 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .boot import lean_main
 
         return lean_main(blob)
-    return _start(list(sys.argv[1:] if argv is None else argv))
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["status"]:
+        from .status import main as status_main
+
+        return status_main(args[1:])
+    return _start(args)
 
 
 def _start(argv: list[str]) -> int:
@@ -92,7 +98,7 @@ def _start(argv: list[str]) -> int:
     from .boot import exec_lean_parent, take_handover
     from .errors import BindError, ConfigError
     from .handlers import import_handler
-    from .listeners import Listener, adopt_activated, open_listeners
+    from .listeners import Listener, adopt_activated, open_listeners, open_metrics_listener
     from .systemd import listen_fds
 
     args = _parser().parse_args(argv)
@@ -132,5 +138,10 @@ def _start(argv: list[str]) -> int:
         # A reload must not take the server down: serve on what we had.
         log.get_logger("forkserver.cli").error("%s; keeping the listeners we had", exc)
         listeners = inherited
-    exec_lean_parent(settings, where, listeners, argv, handover)
+    try:
+        metrics_listener = open_metrics_listener(s.metrics, s.backlog, inherited)
+    except BindError as exc:
+        print(f"forkserver: metrics: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    exec_lean_parent(settings, where, listeners, argv, handover, metrics_listener)
     return EXIT_FAILURE  # not reached: exec_lean_parent replaces this process

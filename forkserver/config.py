@@ -61,6 +61,12 @@ def _check_early_drop(value: str) -> str | None:
     return None
 
 
+def _check_metrics(value: str) -> str | None:
+    from .metrics import check_address
+
+    return check_address(value)
+
+
 def _check_account(kind: str) -> Callable[[str], str | None]:
     def check(value: str) -> str | None:
         if not value:
@@ -152,6 +158,14 @@ class Settings:
         max=3600,
     )
     log_level: str = _setting("info", "Logging level.", cli="--log-level", choices=LOG_LEVELS)
+    metrics: str = _setting(
+        "",
+        "Serve Prometheus metrics (/metrics) and the live children (/children, read by "
+        '`forkserver status`) on "HOST:PORT"; each scrape is served by a forked child. '
+        "Keep it on loopback. Empty: off.",
+        cli="--metrics",
+        check=_check_metrics,
+    )
     pidfile: str = _setting(
         "",
         "Write the parent's pid here once it is ready; removed at exit. Refuses to start "

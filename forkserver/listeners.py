@@ -194,6 +194,24 @@ def adopt_activated(fds: list[tuple[int, str]]) -> list[Listener]:
     return listeners
 
 
+def open_metrics_listener(
+    address: str, backlog: int, reuse: Sequence[Listener] = ()
+) -> Listener | None:
+    """The listener of the metrics endpoint ("HOST:PORT"), kept across a reload."""
+    if not address:
+        return None
+    key = ("metrics", address)
+    for listener in reuse:
+        if listener.key == key:
+            return listener
+    from .metrics import parse_address
+
+    host, port = parse_address(address)
+    listener = _bind_tcp(host, port, backlog, dual_stack=True)
+    listener.key = key
+    return listener
+
+
 def open_listeners(
     hosts: tuple[str, ...],
     port: int,
@@ -208,7 +226,7 @@ def open_listeners(
     address is still configured is kept (its queue, and the connections
     waiting in it, survive); the others are closed once the rest is bound.
     Sockets systemd passed are always kept."""
-    kept = {lis.key: lis for lis in reuse}
+    kept = {lis.key: lis for lis in reuse if lis.key[:1] != ("metrics",)}
     cap = somaxconn()
     if cap is not None and backlog > cap:
         logger.warning(

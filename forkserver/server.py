@@ -63,6 +63,7 @@ _BACKOFF_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 BACKOFF_SECONDS = 0.1
 _BUSY_PIPE = "busy-pipe"  # selector data for the pool's busy pipe
 _UPGRADE_PIPE = "upgrade-pipe"  # selector data: a new parent says it is ready
+_METRICS = "metrics"  # selector data: the metrics listener
 # Read whole records only: records are written atomically, so a read whose
 # size is a multiple of the record size never splits one.
 _BUSY_READ = BUSY_RECORD.size * 2048
@@ -141,6 +142,10 @@ class Server:
         self.RequestHandlerClass = handler
         self._handler_is_class = is_handler_class(handler)
         self.listeners: list[Listener] = []
+        # The metrics endpoint: not a serving listener (never paused, never
+        # counted); each scrape is a child forked with a snapshot (metrics.py).
+        self.metrics_listener: Listener | None = None
+        self._scrape_pidfds: dict[int, int] = {}
         self.children = ChildTable()
         self.accepted = 0
         self.fork_failures = 0
@@ -208,6 +213,14 @@ class Server:
         if not self.listeners or self.listeners[0].closed:
             s = self.settings
             self.listeners = open_listeners(s.host, s.port, s.unix, s.backlog, s.unix_mode)
+        if getattr(self.settings, "metrics", "") and (
+            self.metrics_listener is None or self.metrics_listener.closed
+        ):
+            from .listeners import open_metrics_listener
+
+            self.metrics_listener = open_metrics_listener(
+                self.settings.metrics, self.settings.backlog
+            )
 
     @property
     def server_address(self) -> Any:
@@ -303,6 +316,9 @@ class Server:
                 pidfile.write(self.settings.pidfile)
             for listener in self.listeners:
                 logger.info("listening on %s", listener.name)
+            if self.metrics_listener is not None:
+                selector.register(self.metrics_listener.sock, selectors.EVENT_READ, _METRICS)
+                logger.info("metrics on http://%s/metrics", self.metrics_listener.name)
             logger.info(
                 "forkserver ready: pid %d, handler %s, max_children %d, spare_children %d",
                 os.getpid(),
@@ -370,6 +386,8 @@ class Server:
                     self._read_busy()
                 elif data is _UPGRADE_PIPE:
                     self._upgrade_answer()
+                elif data is _METRICS:
+                    self._scrape()
                 else:  # a child's pidfd became readable: it has exited
                     self._reap_pidfd(data)
             if self._poll_interval is not None:
@@ -679,6 +697,8 @@ class Server:
         for listener in self.listeners:
             if not listener.closed:
                 yield listener.fileno()
+        if self.metrics_listener is not None and not self.metrics_listener.closed:
+            yield self.metrics_listener.fileno()
         if self._handoff is not None:
             yield self._handoff.fileno()
         if self._busy_r >= 0:
@@ -738,6 +758,9 @@ class Server:
         self._selector.register(child.pidfd, selectors.EVENT_READ, child.pid)
 
     def _reap_pidfd(self, pid: int) -> None:
+        if pid < 0:  # a scrape child (negated pid: not a connection's child)
+            self._reap_scrape(-pid)
+            return
         child = self.children.reap_pid(pid)
         if child is not None:
             assert self._selector is not None
@@ -793,6 +816,67 @@ class Server:
 
     def handle_usr1(self) -> None:
         logger.info("SIGUSR1 ignored")
+
+    # -- metrics --------------------------------------------------------------
+
+    def _all_listeners(self) -> list[Listener]:
+        extra = [self.metrics_listener] if self.metrics_listener is not None else []
+        return [*self.listeners, *extra]
+
+    def _scrape(self) -> None:
+        """Fork a child to answer one metrics request from a snapshot of this
+        parent's state (metrics.py): the parent itself computes nothing."""
+        assert self.metrics_listener is not None
+        try:
+            fd, peer = self.metrics_listener.sock._accept()  # type: ignore[attr-defined]
+        except OSError:
+            return
+        parent = os.getpid()
+        try:
+            pid = self._fork()
+        except OSError as exc:
+            os.close(fd)
+            self._fork_failed(exc, "no metrics answered")
+            return
+        if pid == 0:
+            from . import metrics
+
+            def answer(conn: Socket, _peer: Any) -> None:
+                metrics.serve_metrics(conn, metrics.snapshot(self, parent_pid=parent))
+
+            serve_connection(
+                fd,
+                self.metrics_listener.family,
+                peer,
+                self._child_closes(),
+                self._signals_to_reset,
+                answer,
+                self.handle_error,
+                None,  # the parent's privileges: it reads the other children's memory
+            )
+        os.close(fd)
+        self.children.watch(pid, self._scrape_done)
+        if self._pidfd_mode:
+            assert self._selector is not None
+            pidfd = os.pidfd_open(pid)
+            self._scrape_pidfds[pid] = pidfd
+            self._selector.register(pidfd, selectors.EVENT_READ, -pid)
+
+    def _scrape_done(self, status: int) -> None:
+        if status != 0:
+            logger.warning("a metrics scrape child ended with %s", describe_status(status))
+
+    def _reap_scrape(self, pid: int) -> None:
+        try:
+            got, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            got, status = pid, 0
+        if got:
+            self.children.exited(pid, status)
+            pidfd = self._scrape_pidfds.pop(pid)
+            assert self._selector is not None
+            self._selector.unregister(pidfd)
+            os.close(pidfd)
 
     # -- reload (SIGHUP) and upgrade (SIGUSR2) -------------------------------
 
@@ -858,7 +942,7 @@ class Server:
         now = time.monotonic()
         children = [(c.pid, int(c.family), c.peer, now - c.started) for c in self.children]
         env = self._command_env()
-        env[INHERIT_ENV] = handover_env(self.listeners, children)
+        env[INHERIT_ENV] = handover_env(self._all_listeners(), children)
         for fd, family, peer in self._queued:  # rare: hand them to a spare-less start
             os.close(fd)
             logger.warning(
@@ -882,7 +966,7 @@ class Server:
             return
         r, w = os.pipe2(os.O_CLOEXEC)
         env = self._command_env()
-        env[INHERIT_ENV] = handover_env(self.listeners, ready_fd=w)
+        env[INHERIT_ENV] = handover_env(self._all_listeners(), ready_fd=w)
         os.set_inheritable(w, True)
         try:
             pid = self._spawn_command(self._argv, env)
@@ -892,7 +976,7 @@ class Server:
             return
         finally:
             os.close(w)
-            for listener in self.listeners:
+            for listener in self._all_listeners():
                 if not listener.closed:
                     os.set_inheritable(listener.fileno(), False)
         logger.info("SIGUSR2: started a new parent, pid %d; serving until it is ready", pid)
@@ -930,6 +1014,10 @@ class Server:
             if not handover:  # after an upgrade, the new parent is the service
                 systemd.notify("STOPPING=1")
             self._pause_listening()
+            if self.metrics_listener is not None and not self.metrics_listener.closed:
+                if self._selector is not None:
+                    self._selector.unregister(self.metrics_listener.sock)
+                self.metrics_listener.close()
             if handover:
                 # The new parent accepts from the same queues: leave them (and
                 # the Unix socket files) to it, just let go of our copies.
