@@ -156,7 +156,7 @@ def lean_main(blob: str) -> int:
     _restore_site_builtins()
     settings: Settings = SimpleNamespace(**state["settings"])  # type: ignore[assignment]
     listeners = [Listener.adopt(**info) for info in state["listeners"]]
-    log.setup(settings.log_level)
+    log.setup(settings.log_level, settings.log_format)
     try:
         handler = import_handler(settings.handler, state["source"])
     except ConfigError as exc:
@@ -165,7 +165,7 @@ def lean_main(blob: str) -> int:
             listener.close_and_unlink()
         return 2
     # If the handler module brought in stdlib logging, route through it.
-    log.setup(settings.log_level)
+    log.setup(settings.log_level, settings.log_format)
     server = Server.from_settings(settings, handler, listeners)
     if state["metrics"]:
         server.metrics_listener = Listener.adopt(**state["metrics"])

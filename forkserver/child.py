@@ -16,6 +16,7 @@ import _signal  # the C module behind signal: see the note in serve_connection
 import os
 import socket
 import sys
+import time
 
 from .listeners import format_address
 
@@ -75,7 +76,14 @@ class ChildLimits:
             self.groups = [self.gid]
         self.idle_timeout = s.idle_timeout
         self.send_timeout = s.send_timeout or s.idle_timeout
-        self.any = bool(self.rlimits or self.gid >= 0 or self.idle_timeout or self.send_timeout)
+        self.access_log = s.access_log
+        self.any = bool(
+            self.rlimits
+            or self.gid >= 0
+            or self.idle_timeout
+            or self.send_timeout
+            or self.access_log
+        )
 
     def apply_to_process(self) -> None:
         """Set the rlimits, then drop privileges for good (raises OSError)."""
@@ -150,26 +158,70 @@ def serve(
 ) -> int:
     """Run the handler on connection *fd*, close it; returns the exit status."""
     conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+    started = time.monotonic() if limits is not None and limits.access_log else 0.0
+    status = 1
     try:
         if limits is not None:
             limits.apply_to_connection(conn)
         run(conn, peer)
-        return 0
+        status = 0
     except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException as exc:
         why = limits.timed_out(conn, exc) if limits is not None else None
         if why is None:
             on_error(conn, peer)
-            return 1
-        from . import log
+        else:
+            from . import log
 
-        log.get_logger(__name__).info(
-            "closing the connection from %s: %s", format_address(family, peer), why
-        )
-        return 0
+            log.get_logger(__name__).info(
+                "closing the connection from %s: %s", format_address(family, peer), why
+            )
+            status = 0
     finally:
+        counts = _byte_counts(conn) if started else None
         _close_connection(conn)
+    if started:
+        _access_line(family, peer, time.monotonic() - started, counts, status)
+    return status
+
+
+# TCP states after the peer's FIN: TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING.
+_FIN_RECEIVED = frozenset({6, 8, 9, 11})
+
+
+def _byte_counts(conn: socket.socket) -> tuple[int, int] | None:
+    """(bytes received, bytes sent and acknowledged) from TCP_INFO, or None."""
+    if conn.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        info = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except OSError:
+        return None
+    if len(info) < 136:  # tcpi_bytes_acked (offset 120) and tcpi_bytes_received (128)
+        return None
+    received = int.from_bytes(info[128:136], sys.byteorder)
+    # The peer's FIN takes a sequence number and is counted as a byte: take
+    # it off once the state (tcpi_state, byte 0) says it has arrived.
+    if info[0] in _FIN_RECEIVED:
+        received -= 1
+    return received, int.from_bytes(info[120:128], sys.byteorder)
+
+
+def _access_line(
+    family: int, peer: Any, duration: float, counts: tuple[int, int] | None, status: int
+) -> None:
+    from . import log
+
+    peer_text = format_address(family, peer)
+    got, sent = counts if counts is not None else ("-", "-")
+    log.get_logger("forkserver.access").record(
+        "%s pid %d %.3fs in %s out %s exit status %d",
+        peer_text, os.getpid(), duration, got, sent, status,
+        peer=peer_text, pid=os.getpid(), duration=round(duration, 6),
+        bytes_in=counts[0] if counts else None, bytes_out=counts[1] if counts else None,
+        status=f"exit status {status}",
+    )  # fmt: skip
 
 
 def leave(status: int) -> NoReturn:

@@ -29,7 +29,7 @@ logger = log.get_logger(__name__)
 class Child:
     """One forked child: which connection it serves and since when."""
 
-    __slots__ = ("family", "peer", "pid", "pidfd", "source", "started")
+    __slots__ = ("family", "peer", "pid", "pidfd", "source", "started", "status")
 
     def __init__(self, pid: int, family: int, peer: Any, started: float) -> None:
         self.pid = pid
@@ -38,6 +38,7 @@ class Child:
         self.started = started
         self.pidfd = -1
         self.source: Any = None  # the admission source it counts against, if any
+        self.status = 0  # the raw waitpid status, once reaped
 
     @property
     def peer_text(self) -> str:
@@ -120,6 +121,8 @@ class ChildTable:
     def exited(self, pid: int, status: int) -> Child | None:
         """Record that *pid* ended with raw *status*; log it if abnormal."""
         child = self._children.pop(pid, None)
+        if child is not None:
+            child.status = status
         if child is None and pid in self._watched:
             self._watched.pop(pid)(status)
             return None

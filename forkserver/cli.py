@@ -111,7 +111,7 @@ def _start(argv: list[str]) -> int:
     activated = [] if handover else listen_fds()  # systemd: its sockets, not ours
     try:
         settings = _settings(args, bool(activated or handover))  # checks --log-level first
-        log.setup(settings.log_level)
+        log.setup(settings.log_level, settings.log_format)
         if args.check:
             import_handler(settings.handler, where)
             print(f"forkserver: {where}: config OK", file=sys.stderr)
@@ -143,5 +143,11 @@ def _start(argv: list[str]) -> int:
     except BindError as exc:
         print(f"forkserver: metrics: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    if settings.log_file:  # only now: errors before this belong on the terminal
+        try:
+            log.reopen(settings.log_file)
+        except OSError as exc:
+            print(f"forkserver: log_file {settings.log_file}: {exc.strerror}", file=sys.stderr)
+            return EXIT_FAILURE
     exec_lean_parent(settings, where, listeners, argv, handover, metrics_listener)
     return EXIT_FAILURE  # not reached: exec_lean_parent replaces this process

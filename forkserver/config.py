@@ -158,6 +158,24 @@ class Settings:
         max=3600,
     )
     log_level: str = _setting("info", "Logging level.", cli="--log-level", choices=LOG_LEVELS)
+    log_format: str = _setting(
+        "text",
+        'Log lines as "text" or as "json" objects (time, level, logger, pid, message, '
+        "and for access lines their fields).",
+        cli="--log-format",
+        choices=("text", "json"),
+    )
+    log_file: str = _setting(
+        "",
+        "Append the log (the parent's, the children's, and anything they write to "
+        "stderr) to this file instead of stderr; SIGUSR1 reopens it, for logrotate.",
+        cli="--log-file",
+    )
+    access_log: bool = _setting(
+        False,
+        "One line per connection: peer, pid, duration, bytes in and out, and how it "
+        "ended (exit status, signal, or the refusal reason). Costs nothing when off.",
+    )
     metrics: str = _setting(
         "",
         "Serve Prometheus metrics (/metrics) and the live children (/children, read by "

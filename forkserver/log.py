@@ -43,22 +43,69 @@ class _State:
     own = False  # True: write lines ourselves; False: stdlib logging
     level = LEVELS["info"]
     fd = 2
+    json = False  # one JSON object per line instead of text
 
 
 _state = _State()
 
 
-def setup(level: str, fd: int = 2) -> None:
-    """Configure output for the command line: lines to *fd* at *level*."""
+def setup(level: str, fmt: str = "text", fd: int = 2) -> None:
+    """Configure output for the command line: lines to *fd* at *level*, as
+    "text" or "json" lines."""
     _state.level = LEVELS[level]
     _state.fd = fd
+    _state.json = fmt == "json"
     if "logging" in sys.modules:
         import logging
 
         logging.basicConfig(level=_state.level, format=FORMAT, stream=sys.stderr, force=True)
+        if _state.json:
+            for handler in logging.getLogger().handlers:
+                handler.setFormatter(_json_formatter())
         _state.own = False
     else:
         _state.own = True
+
+
+def reopen(path: str) -> None:
+    """Point fd 2 (stderr: the parent's log, the children's, their stray
+    tracebacks) at *path*, opened for appending; at start and on SIGUSR1,
+    after logrotate has moved the old file away."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.dup2(fd, 2)  # the duplicate is inheritable: children write here too
+    finally:
+        os.close(fd)
+
+
+def _format_json(level: int, name: str, text: str, created: float, fields: dict[str, Any]) -> str:
+    import json  # only once JSON lines were asked for
+
+    local = time.localtime(created)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", local)
+    record = {
+        "time": f"{stamp}.{int(created % 1 * 1000):03d}{time.strftime('%z', local)}",
+        "level": _NAMES.get(level, str(level)),
+        "logger": name,
+        "pid": os.getpid(),
+        "message": text,
+        **fields,
+    }
+    return json.dumps(record, default=str)
+
+
+def _json_formatter() -> Any:
+    import logging
+
+    class JSONFormatter(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            text = record.getMessage()
+            if record.exc_info:
+                text += "\n" + self.formatException(record.exc_info)
+            fields = getattr(record, "fields", None) or {}
+            return _format_json(record.levelno, record.name, text, record.created, fields)
+
+    return JSONFormatter()
 
 
 class Logger:
@@ -74,9 +121,17 @@ class Logger:
             return level >= _state.level
         return bool(_stdlib(self.name).isEnabledFor(level))
 
-    def _log(self, level: int, msg: str, args: tuple[Any, ...], exc: bool = False) -> None:
+    def _log(
+        self,
+        level: int,
+        msg: str,
+        args: tuple[Any, ...],
+        exc: bool = False,
+        fields: dict[str, Any] | None = None,
+    ) -> None:
         if not _state.own:
-            _stdlib(self.name).log(level, msg, *args, exc_info=exc, stacklevel=3)
+            extra = {"fields": fields} if fields else None
+            _stdlib(self.name).log(level, msg, *args, exc_info=exc, stacklevel=3, extra=extra)
             return
         if level < _state.level:
             return
@@ -86,9 +141,12 @@ class Logger:
 
             text += "\n" + "".join(traceback.format_exception(*sys.exc_info())).rstrip("\n")
         now = time.time()
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-        millis = int(now % 1 * 1000)
-        line = f"{stamp},{millis:03d} [{os.getpid()}] {_NAMES[level]} {self.name}: {text}\n"
+        if _state.json:
+            line = _format_json(level, self.name, text, now, fields or {}) + "\n"
+        else:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+            millis = int(now % 1 * 1000)
+            line = f"{stamp},{millis:03d} [{os.getpid()}] {_NAMES[level]} {self.name}: {text}\n"
         data = line.encode("utf-8", "backslashreplace")
         try:
             while data:
@@ -101,6 +159,11 @@ class Logger:
 
     def info(self, msg: str, *args: Any) -> None:
         self._log(20, msg, args)
+
+    def record(self, msg: str, *args: Any, **fields: Any) -> None:
+        """An INFO line whose *fields* become keys of their own in JSON lines
+        (the access log)."""
+        self._log(20, msg, args, fields=fields)
 
     def warning(self, msg: str, *args: Any) -> None:
         self._log(30, msg, args)

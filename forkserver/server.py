@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 __all__ = ["Server"]
 
 logger = log.get_logger(__name__)
+access = log.get_logger("forkserver.access")
 
 # accept() errors that concern one connection only: skip it, keep accepting.
 _SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
@@ -501,6 +502,9 @@ class Server:
         after the busy message; count and log it, at most once per interval
         per reason, so a flood cannot flood the log."""
         self.refused[reason] = self.refused.get(reason, 0) + 1
+        if self.settings.access_log:
+            peer_text = format_address(family, peer)
+            access.record("%s refused %s", peer_text, reason, peer=peer_text, status=reason)
         throttle = self._refusal_logs.get(reason)
         if throttle is None:
             throttle = self._refusal_logs[reason] = _Throttle(LOG_INTERVAL)
@@ -774,6 +778,15 @@ class Server:
         if self._per_child_work:
             for child in gone:
                 self._admission.closed(child.source)
+        if self.settings.access_log:
+            for child in gone:  # the child wrote its own line, unless it was killed
+                if os.WIFSIGNALED(child.status):
+                    how = describe_status(child.status)
+                    age = time.monotonic() - child.started
+                    access.record(
+                        "%s pid %d %.3fs %s", child.peer_text, child.pid, age, how,
+                        peer=child.peer_text, pid=child.pid, duration=round(age, 6), status=how,
+                    )  # fmt: skip
         if self._idle:
             for child in gone:
                 self._idle.discard(child.pid)
@@ -815,7 +828,19 @@ class Server:
         self._begin_stop(immediate=True)
 
     def handle_usr1(self) -> None:
-        logger.info("SIGUSR1 ignored")
+        """Reopen the log file (after logrotate moved it away)."""
+        path = getattr(self.settings, "log_file", "")
+        if not path:
+            logger.info("SIGUSR1 ignored: no log_file to reopen")
+            return
+        try:
+            log.reopen(path)
+        except OSError as exc:
+            logger.error(
+                "SIGUSR1: cannot reopen %s: %s; still writing to the old one", path, exc.strerror
+            )
+            return
+        logger.info("SIGUSR1: reopened %s", path)
 
     # -- metrics --------------------------------------------------------------
 

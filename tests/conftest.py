@@ -24,7 +24,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = "forkserver ready"
-LISTENING = re.compile(r"listening on (\S+)")
+LISTENING = re.compile(r"listening on ([^\s\"]+)")
 
 
 class ServerProcess:
@@ -365,3 +365,56 @@ def occupy_port() -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+# --- used by the issue 4 tests (test_admission/limits/faults/hostile.py) ---
+
+# The two ways a connection gets its child: forked on accept, or handed to one
+# of the pre-forked spares.  Settings to merge into config().
+FORK_ON_ACCEPT: dict[str, Any] = {}
+POOL: dict[str, Any] = {"spare_children": 2}
+MODES = [pytest.param(FORK_ON_ACCEPT, id="fork"), pytest.param(POOL, id="pool")]
+
+
+def child_pids(pid: int) -> set[int]:
+    """The children of *pid* (zombies included), from /proc: cheap enough to
+    sample in a loop, unlike psutil's children(), which scans every process."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fp:
+            return {int(p) for p in fp.read().split()}
+    except (FileNotFoundError, ProcessLookupError):
+        return set()
+
+
+def live_children(server: ServerProcess) -> set[int]:
+    """Pids of the server's children that are running (not zombies)."""
+    live = set()
+    for pid in child_pids(server.pid):
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                live.add(pid)
+        except psutil.NoSuchProcess:
+            continue
+    return live
+
+
+def idle_children(server: ServerProcess, settings: dict[str, Any], timeout: float = 20) -> set[int]:
+    """Wait until the server has only its idle children (the spares in pool
+    mode, none forked on accept) and return their pids."""
+    want = int(settings.get("spare_children", 0))
+
+    def settled() -> bool:  # no zombie either: every exited child was reaped
+        return len(child_pids(server.pid)) == want and len(live_children(server)) == want
+
+    wait_until(settled, timeout, f"{want} idle children and nothing else")
+    return live_children(server)
+
+
+def reaped(pid: int) -> bool:
+    """Whether *pid* is gone for good: exited and reaped (a zombie still exists)."""
+    return not psutil.pid_exists(pid)
+
+
+def read_pid_greeting(sock: socket.socket) -> int:
+    """The pid a PidEcho-style handler greets with (proof the client was served)."""
+    return int(recv_until(sock, b"\n").split(b"\n", 1)[0])

@@ -131,3 +131,98 @@ class DebugEcho(BaseHandler):
         _log.warning(WARNING_RECORD)
         while data := self.request.recv(65536):
             self.request.sendall(data)
+
+
+# --- used by issue 4 tests ---
+# Imported here, not at the top, because this block is appended to a shared file.
+# Children that run as another user (server.user) may not be able to read the
+# interpreter's files, so they must import nothing after fork: everything the
+# handlers below use is imported here, in the parent.
+
+import json  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
+
+_LIMITS = {
+    "cpu": resource.RLIMIT_CPU,
+    "as": resource.RLIMIT_AS,
+    "nofile": resource.RLIMIT_NOFILE,
+    "core": resource.RLIMIT_CORE,
+}
+
+
+def _read_line(conn: socket.socket, limit: int = 4096) -> bytes:
+    data = b""
+    while not data.endswith(b"\n") and len(data) < limit:
+        chunk = conn.recv(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data.strip()
+
+
+def report(conn: socket.socket, addr: Any) -> None:
+    """Reads one line (a file path, or empty), then replies one JSON line: who
+    the child runs as, its rlimits and umask; with a path, it creates that file
+    (mode 0o666 before the umask) and reports the file's mode too."""
+    path = _read_line(conn).decode()
+    mode = None
+    if path:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        mode = os.stat(path).st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    facts = {
+        "pid": os.getpid(),
+        "resuid": os.getresuid(),
+        "resgid": os.getresgid(),
+        "groups": os.getgroups(),
+        "umask": umask,
+        "mode": mode,
+        **{name: resource.getrlimit(kind) for name, kind in _LIMITS.items()},
+    }
+    conn.sendall(json.dumps(facts).encode() + b"\n")
+
+
+def greet_then_sleep(conn: socket.socket, addr: Any) -> None:
+    """Greets with its pid, then sleeps (60 s at most) without reading or writing."""
+    conn.sendall(f"{os.getpid()}\n".encode())
+    time.sleep(60)
+
+
+def write_64_mib(conn: socket.socket, addr: Any) -> None:
+    """Greets with its pid, then writes 64 MiB to a client that may never read them."""
+    conn.sendall(f"{os.getpid()}\n".encode())
+    chunk = b"x" * (1 << 20)
+    for _ in range(64):
+        conn.sendall(chunk)
+
+
+def burn_cpu(conn: socket.socket, addr: Any) -> None:
+    """Greets with its pid, then spins (for 60 s of CPU time at most)."""
+    conn.sendall(f"{os.getpid()}\n".encode())
+    deadline = time.process_time() + 60
+    while time.process_time() < deadline:
+        pass
+
+
+def allocate(conn: socket.socket, addr: Any) -> None:
+    """Reads a size in MiB, allocates and touches that much, replies b"ok N"."""
+    mib = int(_read_line(conn))
+    block = bytearray(mib << 20)
+    conn.sendall(f"ok {len(block) >> 20}\n".encode())
+
+
+def pid_then_echo(conn: socket.socket, addr: Any) -> None:
+    """Greets with its pid, then echoes with plain recv/sendall until EOF."""
+    conn.sendall(f"{os.getpid()}\n".encode())
+    while data := conn.recv(65536):
+        conn.sendall(data)
+
+
+class ReadTen(StreamHandler):
+    """Reads exactly 10 bytes through rfile and says how many it got."""
+
+    def handle(self) -> None:
+        data = self.rfile.read(10) or b""
+        self.wfile.write(f"got {len(data)}\n".encode())
