@@ -109,3 +109,20 @@ def test_stale_pidfile_is_replaced(start_server, tmp_path: Path) -> None:
     server = start_server(config(pidfile=str(pid_path)))
     assert pid_path.read_text() == f"{server.pid}\n"
     assert server.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_reload_notifies_reloading_then_ready(start_server, tmp_path: Path) -> None:
+    note = tmp_path / "notify"
+    notify = _notify_socket(note)
+    try:
+        server = start_server(config(), env={"NOTIFY_SOCKET": str(note)})
+        assert notify.recv(200) == f"READY=1\nMAINPID={server.pid}".encode()
+        server.signal(signal.SIGHUP)
+        assert notify.recv(200) == b"RELOADING=1"
+        # Re-executed in place: the same pid says it is ready again.
+        assert notify.recv(200) == f"READY=1\nMAINPID={server.pid}".encode()
+        assert server.stop() == 0
+        assert notify.recv(200) == b"STOPPING=1"
+    finally:
+        notify.close()
