@@ -1,7 +1,7 @@
-"""Regenerate bench/RESULTS.md: run compare, fork_cost and memory, write the markdown.
+"""Regenerate bench/RESULTS.md: run compare, fork_cost, memory, scale and bulk; write it.
 
-    python -m bench.report            # default settings of each script: ~6 minutes
-    python -m bench.report --quick    # reduced settings (said so in the file): ~1.5 minutes
+    python -m bench.report            # default settings of each script: ~10 minutes
+    python -m bench.report --quick    # reduced settings (said so in the file): ~2.5 minutes
     python -m bench.report --no-run   # re-render from bench/results/*-latest.json
 
 Each script runs as its own process (``python -m bench.compare ...``), writes
@@ -27,12 +27,15 @@ from .servers import ROOT, bench_env
 
 OTHER_LOAD_WARNING = 0.2  # cores used by other processes worth a warning
 OUTPUT = ROOT / "bench" / "RESULTS.md"
-SCRIPTS = ("compare", "fork_cost", "memory")
+SCRIPTS = ("compare", "fork_cost", "memory", "scale", "bulk")
 QUICK = {
     "compare": ["--rounds", "1", "--duration", "2"],
     "fork_cost": ["--duration", "1.5", "--paced-duration", "4"],
     "memory": ["--connections", "20000"],
+    "scale": ["--held", "1000", "--samples", "100", "--window", "2"],
+    "bulk": ["--rounds", "1"],
 }
+IDLE_CPU_LIMIT = 0.01  # parent CPU seconds per 5 s idle window that count as "none"
 
 
 def _run_scripts(quick: bool, out: Path) -> None:
@@ -231,17 +234,141 @@ def _memory(data: dict[str, Any]) -> list[str]:
     return out
 
 
+def _scale(data: dict[str, Any]) -> list[str]:
+    s = data["settings"]
+    out = [
+        "## Scale: thousands of connections held",
+        "",
+        f"`{data['command']}` ({data['date']})",
+        "",
+        f"forkserver's echo with max_children above the {s['held']:,} connections held "
+        f"(each opened from one process and echoing once, so each has its own live child), "
+        f"forking on accept and with {s['spares']} spares.  Latency: {s['samples']} fresh "
+        f"{s['payload']}-byte churn connections, one at a time, connect to EOF, with none "
+        "held and with them held.  Parent µs/conn: the parent's CPU per fresh connection "
+        "(schedstat).  Idle: the parent's own CPU (psutil, 10 ms ticks), run time "
+        f"(schedstat) and voluntary context switches over {s['window']:g} s with nothing "
+        "to do.  Busy: cores the whole machine used during the fresh connections; kdamond: "
+        "of which DAMON's kernel thread, where it runs.",
+        "",
+    ]
+    if s["held"] < s["held_requested"]:
+        reasons = "; ".join(data["limits"]["reduced_because"])
+        out += [f"**Held {s['held']:,}, not {s['held_requested']:,}**: {reasons}.", ""]
+    head = ["mode", "held", "p50 ms", "p90 ms", "p99 ms", "p50 x none", "parent µs/conn"]
+    head += ["idle CPU s", "idle run ms", "idle switches", "busy cores", "kdamond cores", "errors"]
+    rows, notes = [], []
+    kdamond = False
+    for name, row in data["modes"].items():
+        if "failed" in row:
+            rows.append([name, "failed", *[""] * (len(head) - 2)])
+            notes.append(f"{name} failed: {row['failed'].splitlines()[0]}")
+            continue
+        for part in (row["none"], row["held"]):
+            lat, idle = part["latency"], part["idle"]
+            kdamond = kdamond or lat.get("kdamond_cores") is not None
+            rows.append(
+                [
+                    name,
+                    f"{part.get('connections', 0):,}",
+                    _f(lat["p50_ms"], ".3f"),
+                    _f(lat["p90_ms"], ".3f"),
+                    _f(lat["p99_ms"], ".3f"),
+                    _f(row["p50_ratio"] if part is row["held"] else 1.0),
+                    _f(lat["parent_us_per_conn"], ".0f"),
+                    _f(idle["cpu_s"], ".2f"),
+                    _f(idle["runtime_ms"], ".3f"),
+                    str(idle["voluntary_switches"]),
+                    _f(lat.get("machine_busy_cores")),
+                    _f(lat.get("kdamond_cores")),
+                    str(lat["errors_total"]),
+                ]
+            )
+        h = row["held"]
+        notes.append(
+            f"{name}: {h['connections']:,} connections opened in {h['open_s']:.1f} s "
+            f"({_f(h['parent_us_per_open'], '.0f')} µs of parent CPU each), "
+            f"{h['live_children']:,} live children, parent RSS {h['parent_rss_mb']:g} MB and "
+            f"{h['parent_fds']} fds while they were held, {_f(h.get('memory_mb'), ',.0f')} MB "
+            "of the machine's memory in use for them; all closed and reaped in "
+            f"{row['close']['drain_s']:.1f} s."
+        )
+    out += _table(head, rows)
+    out += ["", *[f"- {n}" for n in notes]]
+    if kdamond:
+        out += [
+            "",
+            "This machine runs DAMON (`kdamond`): its checks of a physical page walk every "
+            "process that maps it, and the parent's pages are mapped by every child, so its "
+            "cost, and its holding of the locks that fork and exit take, grow with the "
+            "children held (see bench/README.md).",
+        ]
+    return out
+
+
+def _bulk(data: dict[str, Any]) -> list[str]:
+    s = data["settings"]
+    out = [
+        f"## Bulk: {s['mib']} MiB per connection",
+        "",
+        f"`{data['command']}` ({data['date']})",
+        "",
+        f"One client sends {s['mib']} MiB of random bytes (one thread, `sendall`) while "
+        "reading the echo (`recv_into` a preallocated buffer), then checks it (length, "
+        "BLAKE2b, EOF).  MiB/s: size over the time from `connect()` to the last byte back.  "
+        "bare: `bench/peers/bare_echo.py`, one process running `while data := "
+        "conn.recv(65536): conn.sendall(data)` (no fork).  Medians over "
+        f"{s['rounds']} round(s) x {s['repeat']} cycles, each cycle one transfer per server "
+        "in alternating order; x bare: median over cycles of the ratio to bare in the same "
+        "cycle.  Client and server cores: CPU over the transfer time (server: parent plus "
+        "reaped children, 10 ms ticks).",
+        "",
+    ]
+    head = ["server", "MiB/s", "x bare", "x bare (of medians)", "min", "max", "connect ms"]
+    head += ["client cores", "server cores", "failed"]
+    rows = []
+    for name, row in data["summary"].items():
+        bad = sum(1 for r in data["runs"] if r["server"] == name and not r.get("verified"))
+        if not row["transfers"]:
+            rows.append([name, "failed", *[""] * (len(head) - 3), str(bad)])
+            continue
+        rows.append(
+            [
+                name,
+                f"{row['mib_per_s']:,.0f}",
+                _f(row.get("x_bare")),
+                _f(row.get("x_bare_of_medians")),
+                f"{row['mib_per_s_min']:,.0f}",
+                f"{row['mib_per_s_max']:,.0f}",
+                _f(row["connect_ms"]),
+                _f(row["client_cores"]),
+                _f(row["server_cores"]),
+                str(bad),
+            ]
+        )
+    return out + _table(head, rows)
+
+
 def _targets(
-    compare: dict[str, Any] | None, fork: dict[str, Any] | None, memory: dict[str, Any] | None
+    compare: dict[str, Any] | None,
+    fork: dict[str, Any] | None,
+    memory: dict[str, Any] | None,
+    scale: dict[str, Any] | None = None,
+    bulk: dict[str, Any] | None = None,
 ) -> list[str]:
     """Issue 3's targets against these figures (ratios, so the machine matters less)."""
     rows: list[list[str]] = []
 
-    def check(what: str, value: float | None, limit: float, fmt: str, higher: bool) -> None:
+    def check(
+        what: str, value: float | None, limit: float, fmt: str, higher: bool, strict: bool = False
+    ) -> None:
         if value is None:
             rows.append([what, "-", "not measured"])
             return
-        ok = value >= limit if higher else value <= limit
+        if higher:
+            ok = value > limit if strict else value >= limit
+        else:
+            ok = value < limit if strict else value <= limit
         rows.append([what, format(value, fmt), "met" if ok else "**not met**"])
 
     if compare:
@@ -294,6 +421,36 @@ def _targets(
             "+,.0f",
             False,
         )
+    if scale:
+        held, window = scale["settings"]["held"], scale["settings"]["window"]
+        for name, row in scale["modes"].items():
+            failed = "failed" in row
+            check(
+                f"{name}: new connection p50 with {held:,} held ≤ 2x with none",
+                None if failed else row["p50_ratio"],
+                2.0,
+                ".2f",
+                False,
+            )
+            check(
+                f"{name}: parent CPU while idle, none and {held:,} held (s per {window:g} s)",
+                None if failed else max(row["none"]["idle"]["cpu_s"], row["held"]["idle"]["cpu_s"]),
+                IDLE_CPU_LIMIT * window / 5,
+                ".2f",
+                False,
+                strict=True,
+            )
+    if bulk:
+        mib = bulk["settings"]["mib"]
+        for name in ("forkserver", "forkserver-pool"):
+            if name in bulk["summary"]:
+                check(
+                    f"{name}: {mib} MiB echoed per connection ≥ 0.9x bare loop",
+                    bulk["summary"][name].get("x_bare"),
+                    0.9,
+                    ".2f",
+                    True,
+                )
     if not rows:
         return []
     return ["## Issue 3 targets", "", *_table(["target", "measured", ""], rows, text_columns=3)]
@@ -311,8 +468,8 @@ def _other_load(compare: dict[str, Any] | None) -> tuple[float, float] | None:
 
 def render(out: Path, command: str, quick: bool) -> str:
     """RESULTS.md text from the ``*-latest.json`` files in *out*."""
-    compare, fork, memory = (_load(out, name) for name in SCRIPTS)
-    first = next((d for d in (compare, fork, memory) if d), None)
+    compare, fork, memory, scale, bulk = (_load(out, name) for name in SCRIPTS)
+    first = next((d for d in (compare, fork, memory, scale, bulk) if d), None)
     if first is None:
         raise SystemExit(f"bench.report: no *-latest.json in {out}; run without --no-run")
     m = first["machine"]
@@ -338,7 +495,7 @@ def render(out: Path, command: str, quick: bool) -> str:
         f"- Python: {m['python']}",
         f"- forkserver: {m['forkserver_commit'] or 'unknown commit'}",
     ]
-    for name, data in zip(SCRIPTS, (compare, fork, memory), strict=True):
+    for name, data in zip(SCRIPTS, (compare, fork, memory, scale, bulk), strict=True):
         if data:
             start = data["machine"]["load_average_at_start"][0]
             end = (data["machine"].get("load_average_at_end") or [None])[0]
@@ -363,10 +520,12 @@ def render(out: Path, command: str, quick: bool) -> str:
         "",
     ]
     sections = [
-        _targets(compare, fork, memory),
+        _targets(compare, fork, memory, scale, bulk),
         _compare(compare) if compare else [],
         _fork_cost(fork) if fork else [],
         _memory(memory) if memory else [],
+        _scale(scale) if scale else [],
+        _bulk(bulk) if bulk else [],
     ]
     for section in sections:
         if section:

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -33,6 +34,8 @@ REPORT_HEADINGS = (
     "## forkserver vs",
     "## Fork cost",
     "## Memory",
+    "## Scale",
+    "## Bulk",
 )
 LATENCY_KEYS = {"min", "p50", "p90", "p99", "p99.9", "max", "mean"}
 
@@ -233,10 +236,91 @@ def test_memory(out_dir: Path) -> None:
     assert growth["errors_total"] == 0
 
 
+@pytest.mark.timeout(60)
+def test_scale(out_dir: Path) -> None:
+    result = run_bench(
+        "-m", "bench.scale", "--held", "50", "--samples", "20", "--window", "0.2",
+        "--warmup", "10", "--spares", "4", "--out", str(out_dir), "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["modes"] == json.loads((out_dir / "scale-latest.json").read_text())["modes"]
+    assert data["settings"]["held"] == 50
+    assert set(data["modes"]) == {"forkserver", "forkserver-pool"}
+    for row in data["modes"].values():
+        assert "failed" not in row, row["failed"]
+        held = row["held"]
+        assert held["connections"] == 50
+        assert held["live_children"] >= 50 + row["spare_children"]
+        for part in (row["none"], held):
+            lat = part["latency"]
+            assert lat["connections"] == 20
+            assert lat["errors_total"] == 0, lat["errors"]
+            assert 0 < lat["p50_ms"] <= lat["p90_ms"]
+            assert part["idle"]["seconds"] >= 0.2
+            assert part["idle"]["voluntary_switches"] >= 0
+        assert row["p50_ratio"] > 0
+        assert row["close"]["children_left"] <= row["spare_children"]  # all held ones reaped
+
+
+@pytest.mark.timeout(60)
+def test_bulk(out_dir: Path) -> None:
+    result = run_bench(
+        "-m", "bench.bulk", "--mib", "4", "--rounds", "1", "--repeat", "1",
+        "--out", str(out_dir), "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert set(data["summary"]) == {"forkserver", "forkserver-pool", "bare"}
+    assert len(data["runs"]) == 3
+    for run in data["runs"]:
+        assert run["verified"], run["errors"]
+        assert run["bytes"] == 4 * 2**20
+        assert run["mib_per_s"] > 0
+    assert data["summary"]["bare"]["x_bare"] == 1.0
+    assert data["summary"]["forkserver"]["x_bare"] > 0
+
+
+class _CorruptEcho(threading.Thread):
+    """Echoes one connection with the 1000th byte flipped: bench.bulk must notice."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = self.sock.getsockname()
+
+    def run(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn, self.sock:
+            seen = 0
+            while data := conn.recv(65536):
+                if seen <= 1000 < seen + len(data):
+                    buf = bytearray(data)
+                    buf[1000 - seen] ^= 0xFF
+                    data = bytes(buf)
+                seen += len(data)
+                conn.sendall(data)
+
+
+@pytest.mark.timeout(30)
+def test_bulk_detects_a_wrong_echo() -> None:
+    from bench.bulk import Payload, transfer
+
+    server = _CorruptEcho()
+    server.start()
+    row = transfer(server.address, Payload(2**20), timeout=20)
+    server.join(10)
+    assert row["bytes"] == 2**20
+    assert not row["verified"]
+    assert row["errors"] == ["echo differs from what was sent (BLAKE2b)"]
+
+
 @pytest.mark.timeout(30)
 def test_report_renders(out_dir: Path, tmp_path: Path) -> None:
     missing = [
-        n for n in ("compare", "fork_cost", "memory") if not (out_dir / f"{n}-latest.json").exists()
+        n
+        for n in ("compare", "fork_cost", "memory", "scale", "bulk")
+        if not (out_dir / f"{n}-latest.json").exists()
     ]
     if missing:
         pytest.skip(f"needs the results of the other smoke tests: {missing}")
@@ -249,4 +333,7 @@ def test_report_renders(out_dir: Path, tmp_path: Path) -> None:
     for heading in REPORT_HEADINGS:
         assert heading in text
     assert "python -m bench.compare --rounds 1" in text
+    assert "python -m bench.scale --held 50" in text
+    assert "64 MiB echoed per connection" not in text  # the smoke ran 4 MiB
+    assert "4 MiB echoed per connection ≥ 0.9x bare loop" in text
     assert os.uname().release in text
