@@ -976,6 +976,10 @@ class Server:
             )
         sys.stdout.flush()
         sys.stderr.flush()
+        # Until the new image has its handlers, a signal's default action
+        # (SIGUSR1 and SIGHUP terminate) would kill the server: keep them
+        # pending across exec (the mask survives it); Wakeup unblocks them.
+        _signal.pthread_sigmask(_signal.SIG_BLOCK, [int(s) for s in HANDLED_SIGNALS])
         os.execve(sys.executable, [sys.executable, "-m", "forkserver", *self._argv], env)
 
     def handle_usr2(self) -> None:

@@ -64,6 +64,9 @@ class Wakeup:
         # A signal must not turn a blocking call into an error: retry, don't fail.
         for signum in HANDLED_SIGNALS:
             signal.siginterrupt(signum, False)
+        # A reload re-executes with these blocked (server.py): deliver what
+        # arrived meanwhile, now that there are handlers for it.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         self.signals_installed = True
         return True
 

@@ -54,7 +54,8 @@ def test_scrape_counts_connections_refusals_and_children(
         with connect(server.tcp_address) as sock:
             recv_until(sock, b"\n")
         # The source's count drops when its child is reaped: wait for that.
-        wait_until(lambda i=i: _scrape(base)[ok] == i + 1, what="the child reaped")
+        want = i + 1
+        wait_until(lambda: _scrape(base)[ok] == want, what="the child reaped")  # noqa: B023
     held = connect(server.tcp_address)
     recv_until(held, b"\n")
     with connect(server.tcp_address) as refused:  # per_source_limit: one at a time
