@@ -27,7 +27,10 @@ Modules, in the order a connection meets them: ``listeners`` (bind, listen),
 ``server`` (the parent's loop: accept, fork, stop), ``wakeup`` (signals and
 the self-pipe), ``child`` (what runs after fork), ``handlers`` (the handler
 contract), ``children`` (the child table and reaping), ``config`` (settings),
-``cli`` (the command line).
+``cli`` (the command line); around them ``admission`` (refusals before any
+fork), ``pool`` (pre-forked spares), ``boot`` (the lean re-executed parent,
+reload and upgrade), ``log``, ``systemd``, ``pidfile``, ``metrics`` and
+``status``, and ``pytest_plugin`` (the ``forkserver`` fixture).
 """
 
 from __future__ import annotations
