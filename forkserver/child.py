@@ -101,16 +101,18 @@ class ChildLimits:
                 raise PermissionError(f"still running as uid {os.geteuid()}")
 
     def apply_to_connection(self, conn: socket.socket) -> None:
-        for option, seconds in (
-            (socket.SO_RCVTIMEO, self.idle_timeout),
-            (socket.SO_SNDTIMEO, self.send_timeout),
-        ):
-            if seconds:
-                whole = int(seconds)
-                timeval = whole.to_bytes(8, sys.byteorder) + int((seconds - whole) * 1e6).to_bytes(
-                    8, sys.byteorder
-                )
-                conn.setsockopt(socket.SOL_SOCKET, option, timeval)
+        # idle_timeout is the socket's own timeout, so that every reader
+        # (recv, makefile's buffered files) gets TimeoutError; a kernel
+        # SO_RCVTIMEO would make makefile() take the EAGAIN for an end of
+        # file. With no idle_timeout, send_timeout is SO_SNDTIMEO: a send that
+        # cannot progress raises BlockingIOError.
+        if self.idle_timeout:
+            conn.settimeout(self.idle_timeout)
+        elif self.send_timeout:
+            whole = int(self.send_timeout)
+            micros = int((self.send_timeout - whole) * 1e6)
+            timeval = whole.to_bytes(8, sys.byteorder) + micros.to_bytes(8, sys.byteorder)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
     def timed_out(self, conn: socket.socket, exc: BaseException) -> str | None:
         """Why the handler's I/O failed, if it was one of our timeouts."""

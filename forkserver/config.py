@@ -249,15 +249,17 @@ class Settings:
     # -- timeouts ------------------------------------------------------------
     idle_timeout: float = _setting(
         0.0,
-        "Seconds a receive may wait for the client (SO_RCVTIMEO): a client that sends "
-        "nothing for this long is disconnected and its child exits. 0: none.",
+        "Seconds any receive or send on the connection may wait (the socket's timeout): a "
+        "client that sends nothing, or reads nothing, for this long is disconnected and "
+        "its child exits. A handler that sets its own timeout replaces it. 0: none.",
         cli="--idle-timeout",
         min=0,
         max=86400,
     )
     send_timeout: float = _setting(
         0.0,
-        "Seconds a send may wait for a client that does not read (SO_SNDTIMEO). 0: `idle_timeout`.",
+        "Seconds a send may wait for a client that does not read (SO_SNDTIMEO), when "
+        "`idle_timeout` is 0 (otherwise that bounds sends too). 0: none.",
         min=0,
         max=86400,
     )

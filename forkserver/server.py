@@ -171,6 +171,7 @@ class Server:
         self._pool = settings.spare_children > 0
         self._idle: set[int] = set()  # spares not yet known to hold a connection
         self._in_transit = 0  # connections handed off, not yet reported busy
+        self._refill_at: float | None = None  # a spare's fork failed: retry then
         self._handoff: Socket | None = None  # the parent's end
         self._handoff_child = self._busy_r = self._busy_w = -1
         # Admission (admission.py), refusals by reason, per-child limits.
@@ -345,7 +346,7 @@ class Server:
             if self.children:  # only if the loop died of an exception
                 self._stop_leftover_children()
             self._stopping = self._shutdown_request = False
-            self._term_at = self._kill_at = self._resume_at = None
+            self._term_at = self._kill_at = self._resume_at = self._refill_at = None
             self._listening = False
             self._retire_spares()
             for fd in (self._busy_r, self._busy_w, self._handoff_child):
@@ -371,6 +372,7 @@ class Server:
                 self._resume_at is not None
                 or self._term_at is not None
                 or self._kill_at is not None
+                or self._refill_at is not None
                 or self._lifetimes
             ):
                 self._run_timers()
@@ -396,21 +398,18 @@ class Server:
 
     def _timeout(self) -> float | None:
         lifetime = self._lifetimes[0][0] if self._lifetimes else None
-        if (
-            self._resume_at is None
-            and self._term_at is None
-            and self._kill_at is None
-            and lifetime is None
-        ):
+        timers = (self._resume_at, self._term_at, self._kill_at, self._refill_at, lifetime)
+        deadlines = [t for t in timers if t is not None]
+        if not deadlines:
             return self._poll_interval  # the common case: sleep until something happens
-        deadlines = [
-            t for t in (self._resume_at, self._term_at, self._kill_at, lifetime) if t is not None
-        ]
         wait = max(0.0, min(deadlines) - time.monotonic())
         return wait if self._poll_interval is None else min(wait, self._poll_interval)
 
     def _run_timers(self) -> None:
         now = time.monotonic()
+        if self._refill_at is not None and now >= self._refill_at:
+            self._refill_at = None
+            self._fill_pool()
         while self._lifetimes and self._lifetimes[0][0] <= now:
             self._lifetime_over(*heapq.heappop(self._lifetimes))
         if self._resume_at is not None and now >= self._resume_at:
@@ -474,7 +473,9 @@ class Server:
         self.accepted += 1
         family = listener.family
         if self._admission.enabled:
-            reason = self._admission.check(family, peer, len(self.children))
+            # Load is the children serving connections: idle spares are not.
+            busy = len(self.children) - len(self._idle) + self._in_transit
+            reason = self._admission.check(family, peer, busy)
             if reason is not None:
                 self._refuse(fd, family, peer, reason)
                 return
@@ -632,7 +633,9 @@ class Server:
         try:
             pid = self._fork()
         except OSError as exc:
-            self._fork_failed(exc, "no spare started")
+            # Idle spares may still serve: keep accepting, retry the refill later.
+            self._fork_failed(exc, "no spare started", pause=False)
+            self._refill_at = time.monotonic() + BACKOFF_SECONDS
             return False
         if pid == 0:
             run_spare(
@@ -655,7 +658,7 @@ class Server:
             len(self._idle) - self._in_transit < spares
             and len(self.children) < limit
             and not self._stopping
-            and self._resume_at is None
+            and self._refill_at is None
             and self._handoff is not None
         ):
             if not self._spawn_spare():
@@ -720,7 +723,7 @@ class Server:
         if self._pidfd_mode:
             yield from self.children.pidfds()
 
-    def _fork_failed(self, exc: OSError, consequence: str) -> None:
+    def _fork_failed(self, exc: OSError, consequence: str, pause: bool = True) -> None:
         self.fork_failures += 1
         if self._fork_log.ready():
             held = self._fork_log.take_suppressed()
@@ -731,8 +734,9 @@ class Server:
                 f" ({held} more since the last report)" if held else "",
             )
         # EAGAIN/ENOMEM pass when children exit: give them a moment.
-        self._pause_listening()
-        self._resume_at = time.monotonic() + BACKOFF_SECONDS
+        if pause:
+            self._pause_listening()
+            self._resume_at = time.monotonic() + BACKOFF_SECONDS
 
     def handle_error(self, request: Socket, client_address: Any) -> None:
         """Called in the child when the handler raised; logs the traceback."""
@@ -806,7 +810,7 @@ class Server:
         if not self._stopping and (not self._listening or self._pool):
             # A slot is free, and an exiting child may have freed descriptors
             # (ENFILE) or processes (fork's EAGAIN): try again now.
-            self._resume_at = None
+            self._resume_at = self._refill_at = None
             self._resume_listening()
 
     def handle_chld(self) -> None:

@@ -7,6 +7,7 @@ server's own "forkserver ready" log line, read from its stderr: no sleeps.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -208,7 +209,7 @@ def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(value)  # JSON string escapes are valid TOML basic strings
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     return repr(value)

@@ -32,6 +32,14 @@ class HTTPHandler(StreamHandler):
     timeout = 10.0  # a client that stops sending cannot pin the child
     server_version = "forkserver-example/0.1"
 
+    def setup(self) -> None:
+        # Our own timeout replaces the server's idle_timeout on this socket:
+        # keep whichever is shorter.
+        idle = getattr(getattr(self.server, "settings", None), "idle_timeout", 0)
+        if idle:
+            self.timeout = min(self.timeout, idle)
+        super().setup()
+
     def handle(self) -> None:
         try:
             method, path = self.read_request()
