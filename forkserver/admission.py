@@ -110,13 +110,13 @@ class Admission:
             value >>= self._v6_shift
         return version, value
 
-    def check(self, family: int, peer: Any, alive: int) -> str | None:
-        """Why this connection is refused, or None to serve it.  *alive* is
-        the number of children now."""
+    def check(self, family: int, peer: Any, busy: int) -> str | None:
+        """Why this connection is refused, or None to serve it.  *busy* is
+        the number of children serving a connection now."""
         if self._early_drop is not None:
             start, rate, full = self._early_drop
-            if alive >= start:
-                chance = rate + (100 - rate) * (alive - start) / (full - start)
+            if busy >= start:
+                chance = rate + (100 - rate) * (busy - start) / (full - start)
                 if int.from_bytes(os.urandom(2), "big") * 100 < chance * 65536:
                     return "early_drop"
         if family not in (socket.AF_INET, socket.AF_INET6):

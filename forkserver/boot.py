@@ -7,10 +7,11 @@ machinery only to start: once the config is valid and the listeners are
 bound, ``cli.main()`` re-executes ``python -m forkserver`` with the same
 arguments (same pid) and passes, in the environment:
 
-* ``FORKSERVER_BOOT``: the settings, ``sys.path`` and, for each listener,
-  its fd (inherited across exec) and Unix socket file identity, as hex of
-  :mod:`marshal` data (built in, so reading it imports nothing; the reader is
-  the same interpreter binary, so the format matches).
+* ``FORKSERVER_BOOT``: "fd:N", an inherited memfd holding the settings,
+  ``sys.path`` and, for each listener, its fd (inherited across exec) and
+  Unix socket file identity, as :mod:`marshal` data (built in, so reading it
+  imports nothing; the reader is the same interpreter binary, so the format
+  matches).
 
 The new image sees the variable, skips all parsing and runs the parent loop
 with only what serving needs imported (measured: 4 MB less anonymous memory
@@ -57,13 +58,41 @@ def handover_env(
         "children": children or [],
         "ready_fd": ready_fd,
     }
-    return marshal.dumps(state).hex()
+    return _stash(marshal.dumps(state))
+
+
+def _stash(data: bytes) -> str:
+    """Put *data* in an inheritable memfd; returns "fd:N" for the environment.
+
+    Not the environment itself: one variable may hold only 128 KiB, and a
+    reload's child table outgrows that with ~1,200 children (E2BIG)."""
+    fd = os.memfd_create("forkserver-state", 0)  # no MFD_CLOEXEC: it crosses exec
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    return f"fd:{fd}"
+
+
+def _unstash(value: str) -> bytes:
+    fd = int(value.removeprefix("fd:"))
+    try:
+        return os.pread(fd, os.fstat(fd).st_size, 0)
+    finally:
+        os.close(fd)
+
+
+def discard(value: str) -> None:
+    """Close the memfd behind a _stash() value that was not handed over."""
+    try:
+        os.close(int(value.removeprefix("fd:")))
+    except (OSError, ValueError):
+        pass  # gone already
 
 
 def take_handover() -> dict[str, Any] | None:
     """What a reloading or upgrading parent handed over, if anything."""
-    blob = os.environ.pop(INHERIT_ENV, None)
-    return marshal.loads(bytes.fromhex(blob)) if blob else None
+    value = os.environ.pop(INHERIT_ENV, None)
+    return marshal.loads(_unstash(value)) if value else None
 
 
 def exec_lean_parent(
@@ -92,7 +121,7 @@ def exec_lean_parent(
         "children": (handover or {}).get("children", []),
         "ready_fd": (handover or {}).get("ready_fd", -1),
     }
-    os.environ[BOOT_ENV] = marshal.dumps(state).hex()
+    os.environ[BOOT_ENV] = _stash(marshal.dumps(state))
     # Resolve every symbol of libpython and libc once, in the parent, rather
     # than lazily on first call in each child (each resolution writes the GOT,
     # a page copied per child: ~14 faults per connection, measured).
@@ -149,7 +178,7 @@ def lean_main(blob: str) -> int:
     from .handlers import import_handler
     from .server import Server
 
-    state = marshal.loads(bytes.fromhex(blob))
+    state = marshal.loads(_unstash(blob))
     if os.environ.pop(_SET_BY_US, None):  # ld.so has read it: keep it from handlers
         os.environ.pop("LD_BIND_NOW", None)
     sys.path[:] = state["path"]
@@ -161,12 +190,18 @@ def lean_main(blob: str) -> int:
         handler = import_handler(settings.handler, state["source"])
     except ConfigError as exc:
         print(f"forkserver: {exc}", file=sys.stderr)
+        handed_over = state["ready_fd"] >= 0 or bool(state["children"])
         for listener in listeners:
-            listener.close_and_unlink()
+            if handed_over:  # the socket files are the old parent's, still serving
+                listener.close()
+            else:
+                listener.close_and_unlink()
         return 2
     # If the handler module brought in stdlib logging, route through it.
     log.setup(settings.log_level, settings.log_format)
     server = Server.from_settings(settings, handler, listeners)
+    if state["ready_fd"] >= 0:  # for the upgrade's old parent only, never for children
+        os.set_inheritable(state["ready_fd"], False)
     if state["metrics"]:
         server.metrics_listener = Listener.adopt(**state["metrics"])
     server.adopt(state["argv"], state["children"], state["ready_fd"])

@@ -125,6 +125,11 @@ class ChildLimits:
         _, writable, _ = select.select([], [conn], [], 0)
         if not writable and self.send_timeout:
             return f"send_timeout ({self.send_timeout:g}s) expired: the client is not reading"
+        if not self.idle_timeout:
+            return None
+        silent = _silent_for(conn)
+        if silent is not None and silent < self.idle_timeout * 0.9:
+            return None  # the client was not idle: some other socket of the handler's timed out
         return f"idle_timeout ({self.idle_timeout:g}s) expired: the client sent nothing"
 
 
@@ -186,6 +191,17 @@ def serve(
     if started:
         _access_line(family, peer, time.monotonic() - started, counts, status)
     return status
+
+
+def _silent_for(conn: socket.socket) -> float | None:
+    """Seconds since the client last sent data (TCP_INFO), or None if unknown."""
+    if conn.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        info = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except OSError:
+        return None
+    return int.from_bytes(info[52:56], sys.byteorder) / 1000 if len(info) >= 56 else None
 
 
 # TCP states after the peer's FIN: TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING.
@@ -254,5 +270,16 @@ def serve_connection(
         if limits is not None:
             limits.apply_to_process()  # an OSError here means: never run the handler
         status = serve(fd, family, peer, run, on_error, limits)
+    except Exception:
+        setup_failed(family, peer)
     finally:
         leave(status)
+
+
+def setup_failed(family: int, peer: Any) -> None:
+    """The child could not get ready (drop privileges, set limits): say why."""
+    from . import log
+
+    log.get_logger(__name__).exception(
+        "child for %s could not start its handler", format_address(family, peer)
+    )

@@ -122,6 +122,9 @@ def _start(argv: list[str]) -> int:
     if settings.pidfile and not handover and (other := pidfile.running(settings.pidfile)):
         print(f"forkserver: {settings.pidfile}: already running as pid {other}", file=sys.stderr)
         return EXIT_FAILURE
+    if settings.pidfile and not os.access(os.path.dirname(settings.pidfile) or ".", os.W_OK):
+        print(f"forkserver: pidfile {settings.pidfile}: directory not writable", file=sys.stderr)
+        return EXIT_FAILURE
     s = settings
     inherited = [Listener.adopt(**info) for info in (handover or {}).get("listeners", [])]
     try:
@@ -137,7 +140,7 @@ def _start(argv: list[str]) -> int:
             return EXIT_FAILURE
         # A reload must not take the server down: serve on what we had.
         log.get_logger("forkserver.cli").error("%s; keeping the listeners we had", exc)
-        listeners = inherited
+        listeners = [lis for lis in inherited if lis.key[:1] != ("metrics",)]
     try:
         metrics_listener = open_metrics_listener(s.metrics, s.backlog, inherited)
     except BindError as exc:
@@ -149,5 +152,8 @@ def _start(argv: list[str]) -> int:
         except OSError as exc:
             print(f"forkserver: log_file {settings.log_file}: {exc.strerror}", file=sys.stderr)
             return EXIT_FAILURE
-    exec_lean_parent(settings, where, listeners, argv, handover, metrics_listener)
-    return EXIT_FAILURE  # not reached: exec_lean_parent replaces this process
+    try:
+        exec_lean_parent(settings, where, listeners, argv, handover, metrics_listener)
+    except OSError as exc:
+        print(f"forkserver: cannot start the serving parent: {exc}", file=sys.stderr)
+    return EXIT_FAILURE  # reached only when the exec failed

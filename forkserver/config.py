@@ -134,10 +134,10 @@ class Settings:
     )
     spare_children: int = _setting(
         0,
-        "Pre-forked one-shot children kept waiting in accept(), so that no connection "
-        "waits for a fork: each still serves exactly one connection, and the parent "
-        "forks its replacement meanwhile. 0 forks on accept. Counts toward "
-        "`max_children`.",
+        "Pre-forked one-shot children kept waiting for a connection, which the parent "
+        "accepts and hands over, so that no connection waits for a fork: each still "
+        "serves exactly one connection, and the parent forks its replacement meanwhile. "
+        "0 forks on accept. Counts toward `max_children`.",
         cli="--spare-children",
         min=0,
         max=100_000,
@@ -315,6 +315,11 @@ class Settings:
 
             if pwd.getpwnam(self.user).pw_uid != os.geteuid():
                 raise ConfigError(f'{TABLE}.user: switching to "{self.user}" needs root')
+        if self.group and os.geteuid() != 0:
+            import grp
+
+            if grp.getgrnam(self.group).gr_gid != os.getegid():
+                raise ConfigError(f'{TABLE}.group: switching to "{self.group}" needs root')
         if self.spare_children > self.max_children:
             raise ConfigError(
                 f"{TABLE}.spare_children must be at most max_children ({self.max_children}), "

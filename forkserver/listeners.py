@@ -171,7 +171,7 @@ def _bind_unix(path: str, backlog: int, mode: int) -> Listener:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise BindError(f"cannot listen on unix:{path}: {exc.strerror}") from None
+        raise BindError(f"cannot listen on unix:{path}: {exc.strerror or exc}") from None
     return Listener(sock, unix_inode=(st.st_dev, st.st_ino), key=("unix", path))
 
 

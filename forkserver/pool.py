@@ -27,7 +27,7 @@ import socket
 import struct
 import sys
 
-from .child import ChildLimits, detach_from_parent, leave, serve
+from .child import ChildLimits, detach_from_parent, leave, serve, setup_failed
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -74,7 +74,9 @@ def receive_connection(handoff_fd: int, busy_fd: int) -> tuple[int, int, Any] | 
     """
     handoff = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, handoff_fd)
     try:
-        data, ancillary, _, _ = handoff.recvmsg(PEER.size, _FD_SPACE)
+        # MSG_CMSG_CLOEXEC: as accept4() does for a child forked on accept, so
+        # a handler's own subprocesses do not inherit the client's socket.
+        data, ancillary, _, _ = handoff.recvmsg(PEER.size, _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
     finally:
         handoff.close()
     if not data:
@@ -113,5 +115,7 @@ def run_spare(
             limits.apply_to_process()  # as the user, before any connection arrives
         got = receive_connection(handoff_fd, busy_fd)
         status = 0 if got is None else serve(got[0], got[1], got[2], run, on_error, limits)
+    except Exception:
+        setup_failed(0, None)
     finally:
         leave(status)

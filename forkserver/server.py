@@ -34,7 +34,7 @@ from socket import (
 )
 from socket import socket as Socket
 
-from . import log, pidfile, systemd
+from . import boot, log, pidfile, systemd
 from .admission import Admission
 from .boot import INHERIT_ENV, handover_env
 from .child import ChildLimits, serve_connection
@@ -47,7 +47,7 @@ from .wakeup import HANDLED_SIGNALS, Wakeup
 # typing stays out of the serving parent: only the type checker reads these.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, NoReturn
+    from typing import Any
 
     from .config import Settings
     from .handlers import HandlerType
@@ -62,6 +62,7 @@ _SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 # Out of descriptors or kernel memory: pause accepting briefly, then retry.
 _BACKOFF_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 BACKOFF_SECONDS = 0.1
+MAX_SCRAPES = 4  # metrics scrape children at once; more are closed unanswered
 _BUSY_PIPE = "busy-pipe"  # selector data for the pool's busy pipe
 _UPGRADE_PIPE = "upgrade-pipe"  # selector data: a new parent says it is ready
 _METRICS = "metrics"  # selector data: the metrics listener
@@ -147,6 +148,7 @@ class Server:
         # counted); each scrape is a child forked with a snapshot (metrics.py).
         self.metrics_listener: Listener | None = None
         self._scrape_pidfds: dict[int, int] = {}
+        self._scrapes = 0  # scrape children alive
         self.children = ChildTable()
         self.accepted = 0
         self.fork_failures = 0
@@ -181,8 +183,9 @@ class Server:
         self._refusal_logs: dict[str, _Throttle] = {}
         self._limits = ChildLimits(settings)
         self._child_limits = self._limits if self._limits.any else None
-        # max_lifetime: (deadline, pid, started) for each child serving a connection.
-        self._lifetimes: list[tuple[float, int, float]] = []
+        # max_lifetime: (deadline, pid, started, killing) per child serving a
+        # connection; killing: the SIGTERM was sent, SIGKILL is next.
+        self._lifetimes: list[tuple[float, int, float, bool]] = []
         # Reload and upgrade (re-executing the command line), when started by it.
         self._argv: list[str] | None = None
         self._ready_fd = -1  # tell the parent that started us (an upgrade) we are up
@@ -314,12 +317,16 @@ class Server:
             # collector from touching (and so copying) those pages after fork.
             gc.collect()
             gc.freeze()
+            # Output the handler module buffered at import would otherwise be
+            # flushed again by every child from its copy of the buffer.
+            sys.stdout.flush()
+            sys.stderr.flush()
             if self.settings.pidfile:  # before anything says we are ready
                 pidfile.write(self.settings.pidfile)
             for listener in self.listeners:
                 logger.info("listening on %s", listener.name)
             if self.metrics_listener is not None:
-                selector.register(self.metrics_listener.sock, selectors.EVENT_READ, _METRICS)
+                self._metrics_paused(False)  # registered, if _resume_listening did not yet
                 logger.info("metrics on http://%s/metrics", self.metrics_listener.name)
             logger.info(
                 "forkserver ready: pid %d, handler %s, max_children %d, spare_children %d",
@@ -432,12 +439,11 @@ class Server:
                 logger.warning("sending SIGKILL to %d children", len(self.children))
                 self.children.signal_all(signal.SIGKILL)
 
-    def _lifetime_over(self, deadline: float, pid: int, started: float) -> None:
+    def _lifetime_over(self, deadline: float, pid: int, started: float, overdue: bool) -> None:
         """A child reached max_lifetime: SIGTERM, then SIGKILL after kill_timeout."""
         child = self.children.get(pid)
         if child is None or child.started != started:
             return  # it exited meanwhile (its pid may even be someone else's now)
-        overdue = deadline - started > self.settings.max_lifetime  # the SIGTERM was sent
         logger.warning(
             "child %d for %s exceeded max_lifetime (%gs): %s",
             pid,
@@ -450,7 +456,8 @@ class Server:
         except ProcessLookupError:
             return
         if not overdue:
-            heapq.heappush(self._lifetimes, (deadline + self.settings.kill_timeout, pid, started))
+            entry = (deadline + self.settings.kill_timeout, pid, started, True)
+            heapq.heappush(self._lifetimes, entry)
 
     # -- accepting and forking ---------------------------------------------
 
@@ -470,8 +477,14 @@ class Server:
             if exc.errno not in _SKIP_ERRNOS:
                 self._accept_failed(listener, exc)
             return
+        self._take(fd, listener.family, peer)
+        if not self._can_accept():
+            self._pause_listening()
+
+    def _take(self, fd: int, family: int, peer: Any) -> None:
+        """An accepted connection: admit it (or refuse it), then give it a
+        child, or queue it until a child exits."""
         self.accepted += 1
-        family = listener.family
         if self._admission.enabled:
             # Load is the children serving connections: idle spares are not.
             busy = len(self.children) - len(self._idle) + self._in_transit
@@ -483,11 +496,9 @@ class Server:
             if self._refuse_when_full:
                 self._refuse(fd, family, peer, "full")
                 return
-            # Only when a spare looked free but the handoff queue was full at
-            # max_children; the next child to exit makes room for it.
+            # At max_children while stopping (or a full handoff queue): the
+            # next child to exit makes room for it.
             self._queued.append((fd, family, peer))
-        if not self._can_accept():
-            self._pause_listening()
 
     def _can_accept(self) -> bool:
         """Whether to accept now: a connection would get a child at once, or
@@ -566,8 +577,8 @@ class Server:
                 BACKOFF_SECONDS,
                 f" ({held} more failures since the last report)" if held else "",
             )
-        self._pause_listening()
         self._resume_at = time.monotonic() + BACKOFF_SECONDS
+        self._pause_listening()  # the metrics listener too, now that _resume_at is set
 
     def _fork(self) -> int:
         """os.fork() with the handled signals blocked across it, so the child
@@ -626,7 +637,7 @@ class Server:
             child.source = self._admission.source(child.family, child.peer)
         if self.settings.max_lifetime:
             deadline = child.started + self.settings.max_lifetime
-            heapq.heappush(self._lifetimes, (deadline, child.pid, child.started))
+            heapq.heappush(self._lifetimes, (deadline, child.pid, child.started, False))
 
     def _spawn_spare(self) -> bool:
         """Fork a spare that waits for one connection from the parent (pool.py)."""
@@ -710,6 +721,13 @@ class Server:
             yield self._handoff.fileno()
         if self._busy_r >= 0:
             yield self._busy_r
+        if self._check is not None:
+            yield self._check[1]
+        if self._upgrade is not None:
+            yield self._upgrade[1]
+        if self._ready_fd >= 0:
+            yield self._ready_fd
+        yield from self._scrape_pidfds.values()
 
     def _shared_fds(self) -> Iterator[int]:
         """Fds a spare keeps until it has its connection (pool.py)."""
@@ -747,8 +765,22 @@ class Server:
             for listener in self.listeners:
                 self._selector.unregister(listener.sock)
             self._listening = False
+        if self._resume_at is not None:  # out of descriptors: the metrics listener too
+            self._metrics_paused(True)
+
+    def _metrics_paused(self, paused: bool) -> None:
+        m = self.metrics_listener
+        if m is None or m.closed or self._selector is None:
+            return
+        registered = m.sock in self._selector.get_map()
+        if paused and registered:
+            self._selector.unregister(m.sock)
+        elif not paused and not registered:
+            self._selector.register(m.sock, selectors.EVENT_READ, _METRICS)
 
     def _resume_listening(self) -> None:
+        if self._resume_at is None:
+            self._metrics_paused(False)
         self._fill_pool()
         if self._listening or self._stopping or self._selector is None:
             return
@@ -858,7 +890,14 @@ class Server:
         assert self.metrics_listener is not None
         try:
             fd, peer = self.metrics_listener.sock._accept()  # type: ignore[attr-defined]
-        except OSError:
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            if exc.errno not in _SKIP_ERRNOS:  # EMFILE: back off like the serving listeners
+                self._accept_failed(self.metrics_listener, exc)
+            return
+        if self._scrapes >= MAX_SCRAPES:
+            os.close(fd)  # a flood of scrapes must not become a flood of forks
             return
         parent = os.getpid()
         try:
@@ -881,9 +920,10 @@ class Server:
                 self._signals_to_reset,
                 answer,
                 self.handle_error,
-                None,  # the parent's privileges: it reads the other children's memory
+                self._child_limits,  # as the children's user, who can read their memory
             )
         os.close(fd)
+        self._scrapes += 1
         self.children.watch(pid, self._scrape_done)
         if self._pidfd_mode:
             assert self._selector is not None
@@ -892,6 +932,7 @@ class Server:
             self._selector.register(pidfd, selectors.EVENT_READ, -pid)
 
     def _scrape_done(self, status: int) -> None:
+        self._scrapes -= 1
         if status != 0:
             logger.warning("a metrics scrape child ended with %s", describe_status(status))
 
@@ -909,12 +950,20 @@ class Server:
 
     # -- reload (SIGHUP) and upgrade (SIGUSR2) -------------------------------
 
-    def _spawn_command(self, argv: list[str], env: dict[str, str], out: int = -1) -> int:
+    def _spawn_command(
+        self, argv: list[str], env: dict[str, str], out: int = -1, parent: bool = False
+    ) -> int:
         """posix_spawn python -m forkserver *argv* (not subprocess, which would
         import threading into the parent: see log.py); returns the pid."""
         actions = [(os.POSIX_SPAWN_DUP2, out, 1), (os.POSIX_SPAWN_DUP2, out, 2)] if out >= 0 else []
+        # Handled signals stay blocked until the new process has its handlers
+        # (Wakeup unblocks them): a default action must not kill it meanwhile.
         return os.posix_spawn(
-            sys.executable, [sys.executable, "-m", "forkserver", *argv], env, file_actions=actions
+            sys.executable,
+            [sys.executable, "-m", "forkserver", *argv],
+            env,
+            file_actions=actions,
+            setsigmask=[int(s) for s in HANDLED_SIGNALS] if parent else [],
         )
 
     def _command_env(self) -> dict[str, str]:
@@ -926,36 +975,36 @@ class Server:
         if self._argv is None:
             logger.warning("SIGHUP ignored: reload needs the command line (python -m forkserver)")
             return
-        if self._check is not None or self._stopping:
-            logger.info(
-                "SIGHUP ignored: %s", "a reload is in progress" if self._check else "stopping"
-            )
+        if self._check is not None or self._stopping or self._upgrade is not None:
+            busy = "a reload" if self._check else "an upgrade" if self._upgrade else "a stop"
+            logger.info("SIGHUP ignored: %s is in progress", busy)
             return
         systemd.notify("RELOADING=1")
         logger.info("SIGHUP: checking the new config before reloading")
-        r, w = os.pipe2(os.O_CLOEXEC)
+        # Its output goes to a memfd, not a pipe: a pipe could fill (and hang
+        # the check) or be held open by something the handler module starts.
+        out = os.memfd_create("forkserver-check", os.MFD_CLOEXEC)
         try:
-            pid = self._spawn_command([*self._argv, "--check"], self._command_env(), out=w)
+            pid = self._spawn_command([*self._argv, "--check"], self._command_env(), out=out)
         except OSError as exc:
-            os.close(r)
+            os.close(out)
             logger.error("reload failed: cannot start the config check: %s", exc.strerror)
             systemd.notify("READY=1")
             return
-        finally:
-            os.close(w)
-        self._check = (pid, r)
+        self._check = (pid, out)
         self.children.watch(pid, self._check_done)
 
     def _check_done(self, status: int) -> None:
         assert self._check is not None
-        _, r = self._check
+        _, out = self._check
         self._check = None
-        output = b""
-        try:
-            while chunk := os.read(r, 65536):
-                output += chunk
+        try:  # a memfd: the check's output, whatever its size, read without blocking
+            output = os.pread(out, 1 << 16, max(0, os.fstat(out).st_size - (1 << 16)))
         finally:
-            os.close(r)
+            os.close(out)
+        if self._stopping or self._upgrade is not None:
+            logger.info("reload abandoned: %s", "stopping" if self._stopping else "upgrading")
+            return
         if status != 0:
             lines = output.decode(errors="replace").strip().splitlines() or ["(no output)"]
             logger.error("reload refused, still serving the old config: %s", lines[-1])
@@ -964,7 +1013,7 @@ class Server:
         logger.info("reloading: the new config is valid; re-executing (pid %d)", os.getpid())
         self._reexec()
 
-    def _reexec(self) -> NoReturn:
+    def _reexec(self) -> None:
         """Become a new parent in place: same pid, same listeners, same children."""
         assert self._argv is not None
         self._retire_spares()  # idle spares run the old code: they exit on EOF
@@ -972,7 +1021,7 @@ class Server:
         children = [(c.pid, int(c.family), c.peer, now - c.started) for c in self.children]
         env = self._command_env()
         env[INHERIT_ENV] = handover_env(self._all_listeners(), children)
-        for fd, family, peer in self._queued:  # rare: hand them to a spare-less start
+        for fd, family, peer in self._queued:  # rare: at the limit, a full handoff queue
             os.close(fd)
             logger.warning(
                 "reload: closed a connection from %s queued at the limit",
@@ -983,8 +1032,14 @@ class Server:
         # Until the new image has its handlers, a signal's default action
         # (SIGUSR1 and SIGHUP terminate) would kill the server: keep them
         # pending across exec (the mask survives it); Wakeup unblocks them.
-        _signal.pthread_sigmask(_signal.SIG_BLOCK, [int(s) for s in HANDLED_SIGNALS])
-        os.execve(sys.executable, [sys.executable, "-m", "forkserver", *self._argv], env)
+        blocked = [int(s) for s in HANDLED_SIGNALS]
+        _signal.pthread_sigmask(_signal.SIG_BLOCK, blocked)
+        try:
+            os.execve(sys.executable, [sys.executable, "-m", "forkserver", *self._argv], env)
+        except OSError as exc:
+            _signal.pthread_sigmask(_signal.SIG_UNBLOCK, blocked)
+            logger.error("reload failed: cannot re-execute: %s; still serving", exc)
+            systemd.notify("READY=1")
 
     def handle_usr2(self) -> None:
         """Upgrade: start a new parent (new code) on the same listeners; stop
@@ -1002,13 +1057,14 @@ class Server:
         env[INHERIT_ENV] = handover_env(self._all_listeners(), ready_fd=w)
         os.set_inheritable(w, True)
         try:
-            pid = self._spawn_command(self._argv, env)
+            pid = self._spawn_command(self._argv, env, parent=True)
         except OSError as exc:
             os.close(r)
             logger.error("upgrade failed: cannot start a new parent: %s", exc.strerror)
             return
         finally:
             os.close(w)
+            boot.discard(env[INHERIT_ENV])  # the new parent has its own copy
             for listener in self._all_listeners():
                 if not listener.closed:
                     os.set_inheritable(listener.fileno(), False)
@@ -1046,6 +1102,12 @@ class Server:
             self._stopping = True
             if not handover:  # after an upgrade, the new parent is the service
                 systemd.notify("STOPPING=1")
+                if self._upgrade is not None:  # not ready yet: it must not outlive us
+                    logger.info("stopping the new parent %d too", self._upgrade[0])
+                    try:
+                        os.kill(self._upgrade[0], signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
             self._pause_listening()
             if self.metrics_listener is not None and not self.metrics_listener.closed:
                 if self._selector is not None:
@@ -1094,9 +1156,7 @@ class Server:
                     fd, peer = listener.sock._accept()  # type: ignore[attr-defined]
                 except OSError:
                     break
-                self.accepted += 1
-                if not self._dispatch(fd, listener.family, peer):
-                    self._queued.append((fd, listener.family, peer))
+                self._take(fd, listener.family, peer)
 
     def _drop_queued(self, why: str) -> None:
         if self._queued:

@@ -9,6 +9,7 @@ loop through the same pipe (``Server.shutdown()``).
 
 from __future__ import annotations
 
+import _thread
 import os
 import signal
 
@@ -40,14 +41,11 @@ class Wakeup:
 
     def __init__(self) -> None:
         self.rfd, self.wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._closing = _thread.allocate_lock()
         self.pending: set[int] = set()
         self.signals_installed = False
         self._saved_handlers: dict[int, Any] = {}
         self._saved_wakeup_fd = -1
-
-    @property
-    def fds(self) -> tuple[int, int]:
-        return self.rfd, self.wfd
 
     def install_signals(self) -> bool:
         """Take over HANDLED_SIGNALS; False where that is impossible (not the main thread)."""
@@ -81,10 +79,14 @@ class Wakeup:
         return taken
 
     def wake(self) -> None:
-        try:
-            os.write(self.wfd, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full, so the loop is going to wake anyway
+        """Wake the loop; safe from another thread, also while close() runs."""
+        with self._closing:
+            if self.wfd < 0:
+                return
+            try:
+                os.write(self.wfd, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full, so the loop is going to wake anyway
 
     def drain(self) -> None:
         """Empty the pipe; call when select() reported it readable."""
@@ -105,8 +107,10 @@ class Wakeup:
 
     def close(self) -> None:
         self.restore_signals()
-        for fd in (self.rfd, self.wfd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass  # already closed
+        with self._closing:  # no wake() may write to a closed (or reused) fd number
+            for fd in (self.rfd, self.wfd):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass  # already closed
+            self.rfd = self.wfd = -1
