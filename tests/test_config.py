@@ -139,7 +139,7 @@ def test_from_mapping_rejects_unknown_key_naming_source_and_known_keys() -> None
     with pytest.raises(ConfigError) as caught:
         Settings.from_mapping({"zzz": 2}, "app.toml")
     assert str(caught.value).startswith(
-        "app.toml: unknown key server.zzz (known keys: allow, backlog, busy_message, "
+        "app.toml: unknown key server.zzz (known keys: access_log, allow, backlog, "
     )
 
 
