@@ -226,3 +226,8 @@ class ReadTen(StreamHandler):
     def handle(self) -> None:
         data = self.rfile.read(10) or b""
         self.wfile.write(f"got {len(data)}\n".encode())
+
+
+def report_inheritable(conn: socket.socket, addr: Any) -> None:
+    """Says whether the connection's fd would survive an exec (it must not)."""
+    conn.sendall(f"inheritable={os.get_inheritable(conn.fileno())}\n".encode())

@@ -382,3 +382,18 @@ def test_limits_apply_to_every_child_under_concurrency(start_server: StartServer
         assert facts["nofile"] == [32, 32]
     _all_children_run_as(server, NOBODY)
     assert server.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_max_lifetime_always_sends_sigterm_first(start_server: StartServer) -> None:
+    # Fractional lifetimes once lost the SIGTERM to float rounding.
+    server = start_server(config("tests.services:greet_then_sleep", max_lifetime=0.3))
+    socks = [connect(server.tcp_address) for _ in range(4)]
+    for sock in socks:
+        recv_until(sock, b"\n")
+    for sock in socks:
+        assert recv_to_eof(sock) == b""
+        sock.close()
+    wait_until(lambda: server.log.count("killed by SIGTERM") == 4, 20, "four SIGTERMed children")
+    assert "exceeded max_lifetime (0.3s): SIGKILL" not in server.log
+    assert server.stop() == 0

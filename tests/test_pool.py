@@ -193,3 +193,14 @@ def test_in_process_pool_from_a_thread_shuts_down_and_serves_again() -> None:
                 thread.join(10)
             assert not thread.is_alive()
             assert not psutil.Process().children(), "spares outlived shutdown()"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("spares", [0, 2])
+def test_the_connection_is_not_inherited_by_a_handlers_subprocesses(
+    start_server: StartServer, spares: int
+) -> None:
+    server = start_server(config("tests.services:report_inheritable", spare_children=spares))
+    with connect(server.tcp_address) as sock:
+        assert recv_to_eof(sock) == b"inheritable=False\n"
+    assert server.stop() == 0

@@ -159,3 +159,51 @@ def test_sigusr2_upgrade_under_load_loses_no_connection(
     wait_until(lambda: not psutil.pid_exists(new_pid), 30, "the new parent to stop")
     with pytest.raises(OSError):
         socket.create_connection(address, timeout=2).close()
+
+
+@pytest.mark.timeout(60)
+def test_stop_during_a_reload_check_is_graceful(start_server: StartServer, tmp_path: Path) -> None:
+    _write_handler(tmp_path, "v1")
+    server = start_server(config("versioned:handler", graceful_timeout=20))
+    held = connect(server.tcp_address)
+    assert recv_until(held, b"\n") == b"v1\n"
+    server.signal(signal.SIGHUP)
+    server.signal(signal.SIGTERM)  # while the config check runs
+    server.wait_for_log("stopping")
+    held.sendall(b"x")  # the connection in flight still finishes
+    assert recv_until(held, b"x") == b"v1:x"
+    held.close()
+    assert server.wait(30) == 0
+    assert "Traceback" not in server.log
+
+
+@pytest.mark.timeout(60)
+def test_stop_during_an_upgrade_stops_the_new_parent_too(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    _write_handler(tmp_path, "v1")
+    server = start_server(config("versioned:handler"))
+    server.signal(signal.SIGUSR2)
+    line = server.wait_for_log(r"started a new parent, pid \d+")
+    new_pid = int(line.split("pid ")[-1].split(";")[0])
+    server.signal(signal.SIGTERM)  # before the new parent is ready
+    assert server.wait(30) == 0
+    wait_until(lambda: not psutil.pid_exists(new_pid) or
+               psutil.Process(new_pid).status() == psutil.STATUS_ZOMBIE,
+               20, "the new parent to stop as well")  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+def test_failed_upgrade_leaves_the_old_parent_and_its_socket_file(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    _write_handler(tmp_path, "v1")
+    path = tmp_path / "s.sock"
+    server = start_server(config("versioned:handler", unix=str(path)))
+    (tmp_path / "versioned.py").write_text("raise RuntimeError('broken upgrade')\n")
+    server.signal(signal.SIGUSR2)
+    server.wait_for_log("upgrade failed", 30)
+    assert path.exists(), "the failed new parent removed the old one's socket file"
+    with connect(str(path)) as sock:
+        assert recv_until(sock, b"\n") == b"v1\n"
+    assert server.stop() == 0
