@@ -205,6 +205,7 @@ def lean_main(blob: str) -> int:
     if state["metrics"]:
         server.metrics_listener = Listener.adopt(**state["metrics"])
     server.adopt(state["argv"], state["children"], state["ready_fd"])
+    server.exiting_after_serve = True
     try:
         server.serve_forever()
     finally:

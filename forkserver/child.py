@@ -174,6 +174,15 @@ def serve(
         status = 0
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except (ConnectionResetError, BrokenPipeError) as exc:
+        # The client went away mid-conversation: routine for a server, not a
+        # handler bug, so one line, not a traceback.
+        from . import log
+
+        log.get_logger(__name__).info(
+            "%s: the client closed the connection (%s)", format_address(family, peer), exc.strerror
+        )
+        status = 0
     except BaseException as exc:
         why = limits.timed_out(conn, exc) if limits is not None else None
         if why is None:

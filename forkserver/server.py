@@ -147,6 +147,7 @@ class Server:
         # The metrics endpoint: not a serving listener (never paused, never
         # counted); each scrape is a child forked with a snapshot (metrics.py).
         self.metrics_listener: Listener | None = None
+        self.exiting_after_serve = False  # set by the command line (boot.py)
         self._scrape_pidfds: dict[int, int] = {}
         self._scrapes = 0  # scrape children alive
         self.children = ChildTable()
@@ -364,7 +365,9 @@ class Server:
             self._in_transit = 0
             self._lifetimes.clear()
             selector.close()
-            wakeup.close()
+            # From the command line the process exits next: keep our handlers,
+            # or a late SIGUSR2 (default: terminate) would turn exit 0 into -12.
+            wakeup.close(restore=not self.exiting_after_serve)
             self._wakeup = self._selector = None
             gc.unfreeze()
 
@@ -683,7 +686,7 @@ class Server:
             return
         now = time.monotonic()
         for pid, family, peer in decode_busy(data):
-            self._in_transit -= 1
+            self._in_transit = max(0, self._in_transit - 1)
             self._idle.discard(pid)
             child = self.children.get(pid)
             if child is not None:
@@ -826,6 +829,10 @@ class Server:
         if self._idle:
             for child in gone:
                 self._idle.discard(child.pid)
+            # Every connection in transit is held by a spare not yet reported
+            # busy, which is in _idle; a spare killed before its report took
+            # its connection with it, so the count can never exceed _idle.
+            self._in_transit = min(self._in_transit, len(self._idle))
         if len(self._lifetimes) > 2 * len(self.children) + 64:
             # Entries of exited children wait for their deadline to be popped;
             # rebuild from the living when they outnumber them, so the heap
@@ -1047,10 +1054,9 @@ class Server:
         if self._argv is None:
             logger.warning("SIGUSR2 ignored: upgrade needs the command line (python -m forkserver)")
             return
-        if self._upgrade is not None or self._stopping:
-            logger.info(
-                "SIGUSR2 ignored: %s", "an upgrade is in progress" if self._upgrade else "stopping"
-            )
+        if self._upgrade is not None or self._stopping or self._check is not None:
+            busy = "an upgrade" if self._upgrade else "a reload" if self._check else "a stop"
+            logger.info("SIGUSR2 ignored: %s is in progress", busy)
             return
         r, w = os.pipe2(os.O_CLOEXEC)
         env = self._command_env()

@@ -105,8 +105,9 @@ class Wakeup:
         self._saved_handlers.clear()
         self.signals_installed = False
 
-    def close(self) -> None:
-        self.restore_signals()
+    def close(self, restore: bool = True) -> None:
+        if restore:
+            self.restore_signals()
         with self._closing:  # no wake() may write to a closed (or reused) fd number
             for fd in (self.rfd, self.wfd):
                 try:
