@@ -397,33 +397,24 @@ def test_kill_timeout_expiry_sends_sigkill_to_children_ignoring_sigterm(
 
 
 @pytest.mark.timeout(30)
-def test_second_sigint_stops_at_once(start_server: StartServer) -> None:
+@pytest.mark.parametrize(
+    "signals", [(signal.SIGINT, signal.SIGINT), (signal.SIGQUIT,)], ids=["second-sigint", "sigquit"]
+)
+def test_stops_at_once(start_server: StartServer, signals: tuple[int, ...]) -> None:
+    """A second SIGINT, or SIGQUIT, does not wait for graceful_timeout."""
     server = start_server(config(graceful_timeout=60))
     with connect(server.tcp_address) as sock:
         port = _port(sock)
         sock.sendall(b"x")
         assert recv_until(sock, b"x") == b"x"
         pid = _one_child(server)
-        server.signal(signal.SIGINT)
-        server.wait_for_log(r"stopping: no longer accepting; waiting up to 60\.0s for 1 children")
-        assert server.proc.poll() is None
-        server.signal(signal.SIGINT)
-        server.wait_for_log(r"stopping now: killing 1 children")
-        assert server.wait(10) == 0  # well before graceful_timeout's 60 s
-        assert recv_to_eof(sock) == b""
-    assert re.search(rf"child {pid} for 127\.0\.0\.1:{port} killed by SIGKILL", server.log)
-    _assert_all_exited([pid])
-
-
-@pytest.mark.timeout(30)
-def test_sigquit_stops_at_once(start_server: StartServer) -> None:
-    server = start_server(config(graceful_timeout=60))
-    with connect(server.tcp_address) as sock:
-        port = _port(sock)
-        sock.sendall(b"x")
-        assert recv_until(sock, b"x") == b"x"
-        pid = _one_child(server)
-        server.signal(signal.SIGQUIT)
+        if len(signals) == 2:  # the first is a graceful stop
+            server.signal(signals[0])
+            server.wait_for_log(
+                r"stopping: no longer accepting; waiting up to 60\.0s for 1 children"
+            )
+            assert server.proc.poll() is None
+        server.signal(signals[-1])
         server.wait_for_log(r"stopping now: killing 1 children")
         assert server.wait(10) == 0  # well before graceful_timeout's 60 s
         assert recv_to_eof(sock) == b""
