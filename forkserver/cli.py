@@ -132,7 +132,7 @@ def _start(argv: list[str]) -> int:
             listeners = adopt_activated(activated)
         else:
             listeners = open_listeners(
-                s.host, s.port, s.unix, s.backlog, s.unix_mode, reuse=inherited
+                s.host, s.port, s.unix, s.backlog, s.unix_mode, inherited, s.reuse_port
             )
     except BindError as exc:
         if not inherited:

@@ -109,6 +109,11 @@ class Settings:
     unix_mode: int = _setting(
         0o666, "File mode of the Unix socket files (write it as 0o660 in TOML).", min=0, max=0o777
     )
+    reuse_port: bool = _setting(
+        False,
+        "SO_REUSEPORT on the TCP listeners: several forkserver instances may listen on "
+        "the same port, and the kernel spreads new connections between them.",
+    )
     backlog: int = _setting(
         128,
         "listen() backlog: connections the kernel queues while the parent is busy or at "

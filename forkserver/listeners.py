@@ -107,7 +107,9 @@ class Listener:
         self._unix_inode = None
 
 
-def _bind_tcp(host: str, port: int, backlog: int, dual_stack: bool) -> Listener:
+def _bind_tcp(
+    host: str, port: int, backlog: int, dual_stack: bool, reuse_port: bool = False
+) -> Listener:
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         infos = socket.getaddrinfo(
@@ -119,6 +121,8 @@ def _bind_tcp(host: str, port: int, backlog: int, dual_stack: bool) -> Listener:
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
         sock.bind(sockaddr)
@@ -219,6 +223,7 @@ def open_listeners(
     backlog: int,
     unix_mode: int,
     reuse: Sequence[Listener] = (),
+    reuse_port: bool = False,
 ) -> list[Listener]:
     """Bind every configured address, or close what was bound and raise BindError.
 
@@ -248,7 +253,9 @@ def open_listeners(
                 old.sock.listen(backlog)  # the backlog may have changed
                 listeners.append(old)
             elif key[0] == "tcp":
-                listeners.append(_bind_tcp(key[1], port, backlog, dual_stack=not v4_wildcard))
+                listeners.append(
+                    _bind_tcp(key[1], port, backlog, not v4_wildcard, reuse_port=reuse_port)
+                )
             else:
                 listeners.append(_bind_unix(key[1], backlog, unix_mode))
     except BindError:

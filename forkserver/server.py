@@ -218,7 +218,9 @@ class Server:
         """Bind and listen on every configured address (raises BindError)."""
         if not self.listeners or self.listeners[0].closed:
             s = self.settings
-            self.listeners = open_listeners(s.host, s.port, s.unix, s.backlog, s.unix_mode)
+            self.listeners = open_listeners(
+                s.host, s.port, s.unix, s.backlog, s.unix_mode, reuse_port=s.reuse_port
+            )
         if getattr(self.settings, "metrics", "") and (
             self.metrics_listener is None or self.metrics_listener.closed
         ):

@@ -24,6 +24,7 @@ def test_defaults() -> None:
         "port": 8000,
         "unix": (),
         "unix_mode": 0o666,
+        "reuse_port": False,
         "backlog": 128,
         "handler": "",
         "max_children": 1024,

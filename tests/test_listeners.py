@@ -10,9 +10,10 @@ import socket
 import stat
 from pathlib import Path
 
+import psutil
 import pytest
 
-from tests.conftest import StartServer, config, connect, echo_roundtrip, recv_to_eof
+from tests.conftest import StartServer, config, connect, echo_roundtrip, recv_to_eof, recv_until
 
 
 def _has_ipv6_loopback() -> bool:
@@ -181,3 +182,24 @@ def test_tcp_and_unix_listeners_in_one_config_both_serve(
         assert recv_to_eof(held) == b"held"
     assert server.stop() == 0
     assert not path.exists()
+
+
+@pytest.mark.timeout(60)
+def test_reuse_port_lets_two_servers_share_a_port(start_server: StartServer) -> None:
+    first = start_server(config("tests.services:PidEcho", reuse_port=True))
+    port = first.tcp_address[1]
+    second = start_server(config("tests.services:PidEcho", reuse_port=True, port=port))
+    assert second.tcp_address == first.tcp_address
+    parents: set[int] = set()
+    for _ in range(200):  # the kernel hashes each connection to one of them
+        with connect(first.tcp_address) as sock:
+            child = psutil.Process(int(recv_until(sock, b"\n")))
+            parents.add(child.ppid())
+        if parents == {first.pid, second.pid}:
+            break
+    assert parents == {first.pid, second.pid}
+    assert first.stop() == 0
+    # The other one goes on serving the port alone.
+    with connect(second.tcp_address) as sock:
+        recv_until(sock, b"\n")
+    assert second.stop() == 0
