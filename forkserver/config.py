@@ -126,7 +126,9 @@ class Settings:
         "",
         'What serves a connection, as "module:attr": a handler class '
         "(socketserver-style) or a plain function `handler(conn, addr)`. Imported once, "
-        "in the parent, before the first fork. Required.",
+        'in the parent, before the first fork. Or "exec:/path/prog arg...": a program '
+        "run with the connection as stdin and stdout and the UCSPI environment, as "
+        "tcpserver and inetd do (split into words, never through a shell). Required.",
         cli="--handler",
     )
     max_children: int = _setting(

@@ -124,6 +124,8 @@ def import_handler(spec: str, source: str = "") -> HandlerType:
 
 
 def _import_handler(spec: str) -> HandlerType:
+    if spec.startswith(EXEC_PREFIX):
+        return ExecHandler.from_spec(spec)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f'server.handler must be "module:attr", got "{spec}"')
@@ -153,6 +155,75 @@ def _import_handler(spec: str) -> HandlerType:
         article = "an" if kind[0] in "aeiou" else "a"
         raise ConfigError(f'server.handler: "{spec}" is {article} {kind}, not a class or function')
     return target  # type: ignore[no-any-return]
+
+
+EXEC_PREFIX = "exec:"
+
+
+class ExecHandler:
+    """An inetd/tcpserver-style service: ``handler = "exec:/usr/bin/prog arg"``.
+
+    The command is split into words (quotes respected) and executed directly,
+    never through a shell, with the connection as its stdin and stdout and the
+    UCSPI environment: PROTO, TCPREMOTEIP, TCPREMOTEPORT, TCPLOCALIP,
+    TCPLOCALPORT. Its exit status is the child's; stderr stays the server's.
+    """
+
+    def __init__(self, path: str, argv: list[str]) -> None:
+        self.path = path
+        self.argv = argv
+        self.__qualname__ = f"exec {path}"
+
+    @classmethod
+    def from_spec(cls, spec: str) -> ExecHandler:
+        import shlex  # only for exec services: the parent stays lean otherwise
+
+        try:
+            argv = shlex.split(spec[len(EXEC_PREFIX) :])
+        except ValueError as exc:
+            raise ConfigError(f'server.handler: "{spec}": {exc}') from None
+        if not argv:
+            raise ConfigError(f'server.handler: "{spec}" names no program')
+        path = _find_program(argv[0])
+        if path is None:
+            raise ConfigError(
+                f'server.handler: "{spec}": no executable {argv[0]!r} (PATH is searched '
+                "when the name has no slash)"
+            )
+        return cls(path, argv)
+
+    def __call__(self, conn: Any, addr: Any) -> None:
+        import os
+        import socket
+
+        env = dict(os.environ)
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            local = conn.getsockname()
+            env.update(
+                PROTO="TCP",
+                TCPREMOTEIP=str(addr[0]),
+                TCPREMOTEPORT=str(addr[1]),
+                TCPLOCALIP=str(local[0]),
+                TCPLOCALPORT=str(local[1]),
+            )
+        else:
+            env["PROTO"] = "UNIX"
+        fd = conn.fileno()
+        os.dup2(fd, 0)
+        os.dup2(fd, 1)  # dup2 clears close-on-exec on the copies
+        os.execve(self.path, self.argv, env)  # raises only if the exec fails
+
+
+def _find_program(name: str) -> str | None:
+    import os
+
+    candidates = [name] if "/" in name else [
+        os.path.join(d, name) for d in os.environ.get("PATH", os.defpath).split(os.pathsep) if d
+    ]  # fmt: skip
+    for path in candidates:
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return os.path.abspath(path)
+    return None
 
 
 def is_handler_class(handler: HandlerType) -> bool:
