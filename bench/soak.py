@@ -982,7 +982,7 @@ def run(cfg: SoakConfig, argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Killed holding a client connection, yet logged as a spare that had none:
     # the parent never learnt that this spare took a connection.
     unknown_to_parent = [
-        k for k in soak.kills if k["ports"] and "before any connection" in (k["server_said"] or "")
+        k for k in soak.kills if k["ports"] and "no connection reported" in (k["server_said"] or "")
     ]
     client_cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
     cores = os.cpu_count() or 1

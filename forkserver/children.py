@@ -43,7 +43,7 @@ class Child:
     @property
     def peer_text(self) -> str:
         if self.peer is None:
-            return "(a spare, before any connection)"
+            return "(a spare, no connection reported)"
         return format_address(self.family, self.peer)
 
 

@@ -830,10 +830,15 @@ class Server:
                     )  # fmt: skip
         if self._idle:
             for child in gone:
-                self._idle.discard(child.pid)
-            # Every connection in transit is held by a spare not yet reported
-            # busy, which is in _idle; a spare killed before its report took
-            # its connection with it, so the count can never exceed _idle.
+                if child.pid in self._idle:
+                    self._idle.discard(child.pid)
+                    # An idle spare exits 0 only when retired; one that died
+                    # otherwise may have taken a connection it never reported.
+                    # Counting one too few heals itself (the idle spares still
+                    # take what is queued); one too many would keep a phantom
+                    # spare, or at max_children stop accepting for good.
+                    if child.status != 0 and self._in_transit:
+                        self._in_transit -= 1
             self._in_transit = min(self._in_transit, len(self._idle))
         if len(self._lifetimes) > 2 * len(self.children) + 64:
             # Entries of exited children wait for their deadline to be popped;
