@@ -111,12 +111,17 @@ class ChildTable:
         return gone
 
     def reap_pid(self, pid: int) -> Child | None:
-        """Collect one known child, if it has exited (pidfd mode)."""
+        """Collect one known child or watched process, if it has exited (pidfd mode)."""
         try:
             got, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
+        except ChildProcessError:  # reaped already, by someone else
+            if pid in self._watched:
+                self._watched.pop(pid)(0)
             return self._children.pop(pid, None)
         return self.exited(pid, status) if got else None
+
+    def watching(self, pid: int) -> bool:
+        return pid in self._watched
 
     def exited(self, pid: int, status: int) -> Child | None:
         """Record that *pid* ended with raw *status*; log it if abnormal."""

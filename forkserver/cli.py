@@ -15,6 +15,7 @@ import os
 import sys
 
 from .boot import BOOT_ENV
+from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -24,8 +25,6 @@ if TYPE_CHECKING:
     from .config import Settings
 
 __all__ = ["main"]
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["BindError", "ConfigError"]
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "BindError", "ConfigError"]
+
+# What main() returns: 0 after a clean stop, 1 when the server could not run
+# (a BindError, an unreachable server for `status`), 2 for a usage or
+# configuration error (a ConfigError).
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 class ConfigError(Exception):

@@ -951,12 +951,8 @@ class Server:
             logger.warning("a metrics scrape child ended with %s", describe_status(status))
 
     def _reap_scrape(self, pid: int) -> None:
-        try:
-            got, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            got, status = pid, 0
-        if got:
-            self.children.exited(pid, status)
+        self.children.reap_pid(pid)
+        if not self.children.watching(pid):  # it has exited
             pidfd = self._scrape_pidfds.pop(pid)
             assert self._selector is not None
             self._selector.unregister(pidfd)

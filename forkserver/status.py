@@ -17,12 +17,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import ConfigError
+from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ConfigError
 from .metrics import CHILDREN_PATH, METRICS_PATH, TIMEOUT, parse_address
 
 __all__ = ["StatusError", "children_url", "fetch", "format_table", "main"]
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 MAX_ANSWER = 64 << 20  # a /children answer is ~150 bytes per child
 # Wildcard listen addresses, and where on this host to reach them.
 _LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
