@@ -41,6 +41,8 @@ __all__ = [
     "BaseHandler",
     "BindError",
     "ConfigError",
+    "DatagramHandler",
+    "Listen",
     "Server",
     "Settings",
     "StreamHandler",
@@ -49,9 +51,9 @@ __all__ = [
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # what the lazy attributes below resolve to, for the type checker
-    from .config import Settings
+    from .config import Listen, Settings
     from .errors import BindError, ConfigError
-    from .handlers import BaseHandler, StreamHandler
+    from .handlers import BaseHandler, DatagramHandler, StreamHandler
     from .server import Server
 
 # Attributes load their module on first use (PEP 562): a handler module's
@@ -60,6 +62,8 @@ if TYPE_CHECKING:  # what the lazy attributes below resolve to, for the type che
 _LAZY = {
     "BaseHandler": "handlers",
     "StreamHandler": "handlers",
+    "DatagramHandler": "handlers",
+    "Listen": "config",
     "BindError": "errors",
     "ConfigError": "errors",
     "Server": "server",

@@ -111,8 +111,11 @@ def exec_lean_parent(
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    values = dataclasses.asdict(settings)
+    # Every listener as a [[listen]] table, also those host, port and unix make.
+    values["listen"] = [dataclasses.asdict(spec) for spec in settings.listeners()]
     state = {
-        "settings": dataclasses.asdict(settings),
+        "settings": values,
         "source": source,
         "path": [root, *sys.path],
         "listeners": [lis.inherit() for lis in listeners],
@@ -184,10 +187,16 @@ def lean_main(blob: str) -> int:
     sys.path[:] = state["path"]
     _restore_site_builtins()
     settings: Settings = SimpleNamespace(**state["settings"])  # type: ignore[assignment]
+    # The settings' listeners(), without the config machinery (see the docstring).
+    specs = tuple(SimpleNamespace(**spec) for spec in state["settings"]["listen"])
+    settings.listeners = lambda: specs  # type: ignore[method-assign,assignment,return-value]
     listeners = [Listener.adopt(**info) for info in state["listeners"]]
     log.setup(settings.log_level, settings.log_format)
     try:
-        handler = import_handler(settings.handler, state["source"])
+        handler = import_handler(settings.handler, state["source"]) if settings.handler else None
+        # If the handler module brought in stdlib logging, route through it.
+        log.setup(settings.log_level, settings.log_format)
+        server = Server.from_settings(settings, handler, listeners, state["source"])
     except ConfigError as exc:
         print(f"forkserver: {exc}", file=sys.stderr)
         handed_over = state["ready_fd"] >= 0 or bool(state["children"])
@@ -197,9 +206,6 @@ def lean_main(blob: str) -> int:
             else:
                 listener.close_and_unlink()
         return 2
-    # If the handler module brought in stdlib logging, route through it.
-    log.setup(settings.log_level, settings.log_format)
-    server = Server.from_settings(settings, handler, listeners)
     if state["ready_fd"] >= 0:  # for the upgrade's old parent only, never for children
         os.set_inheritable(state["ready_fd"], False)
     if state["metrics"]:

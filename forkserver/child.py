@@ -27,8 +27,16 @@ if TYPE_CHECKING:
     from typing import Any, NoReturn
 
     from .config import Settings
+    from .service import Service
 
-__all__ = ["ChildLimits", "detach_from_parent", "leave", "serve", "serve_connection"]
+__all__ = [
+    "ChildLimits",
+    "detach_from_parent",
+    "leave",
+    "serve",
+    "serve_connection",
+    "serve_datagram",
+]
 
 
 def _close_connection(conn: socket.socket) -> None:
@@ -162,14 +170,26 @@ def serve(
     run: Callable[[socket.socket, Any], None],
     on_error: Callable[[socket.socket, Any], None],
     limits: ChildLimits | None = None,
+    service: Service | None = None,
 ) -> int:
-    """Run the handler on connection *fd*, close it; returns the exit status."""
-    conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+    """Run the handler on connection *fd*, close it; returns the exit status.
+
+    *family* is the client's: with the PROXY protocol it need not be the
+    socket's (an IPv4 client through a proxy on a Unix socket)."""
+    if service is None:
+        conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+    else:
+        conn = socket.socket(fileno=fd)
     started = time.monotonic() if limits is not None and limits.access_log else 0.0
     status = 1
     try:
         if limits is not None:
             limits.apply_to_connection(conn)
+        if service is not None and service.tls is not None:
+            conn, shaken = service.handshake(conn, family, peer)
+            if not shaken:  # logged: the client did not complete a TLS handshake
+                status = 0
+                return status
         run(conn, peer)
         status = 0
     except SystemExit as exc:
@@ -196,9 +216,11 @@ def serve(
             status = 0
     finally:
         counts = _byte_counts(conn) if started else None
+        if service is not None and service.tls is not None:
+            service.close_tls(conn)
         _close_connection(conn)
-    if started:
-        _access_line(family, peer, time.monotonic() - started, counts, status)
+        if started:
+            _access_line(family, peer, time.monotonic() - started, counts, status)
     return status
 
 
@@ -236,12 +258,13 @@ def _byte_counts(conn: socket.socket) -> tuple[int, int] | None:
 
 
 def _access_line(
-    family: int, peer: Any, duration: float, counts: tuple[int, int] | None, status: int
+    family: int, peer: Any, duration: float, counts: tuple[int, int | None] | None, status: int
 ) -> None:
     from . import log
 
     peer_text = format_address(family, peer)
     got, sent = counts if counts is not None else ("-", "-")
+    sent = "-" if sent is None else sent
     log.get_logger("forkserver.access").record(
         "%s pid %d %.3fs in %s out %s exit status %d",
         peer_text, os.getpid(), duration, got, sent, status,
@@ -271,6 +294,7 @@ def serve_connection(
     run: Callable[[socket.socket, Any], None],
     on_error: Callable[[socket.socket, Any], None],
     limits: ChildLimits | None = None,
+    service: Service | None = None,
 ) -> NoReturn:
     """Become the child for connection *fd* (forked on accept); never returns."""
     status = 1
@@ -278,7 +302,49 @@ def serve_connection(
         detach_from_parent(parent_fds, signals)  # before any user code runs
         if limits is not None:
             limits.apply_to_process()  # an OSError here means: never run the handler
-        status = serve(fd, family, peer, run, on_error, limits)
+        status = serve(fd, family, peer, run, on_error, limits, service)
+    except Exception:
+        setup_failed(family, peer)
+    finally:
+        leave(status)
+
+
+def serve_datagram(
+    fd: int,
+    data: bytes,
+    family: int,
+    peer: Any,
+    parent_fds: Iterable[int],
+    signals: tuple[int, ...],
+    run: Callable[[Any, Any], None],
+    on_error: Callable[[socket.socket, Any], None],
+    limits: ChildLimits | None = None,
+) -> NoReturn:
+    """Become the child for one datagram (socketserver's ForkingUDPServer):
+    the handler gets ``(data, sock)`` and replies with sendto(); never returns.
+
+    *fd* is the child's own duplicate of the UDP socket, taken before the
+    parent's fds (the socket among them) are closed."""
+    status = 1
+    try:
+        detach_from_parent(parent_fds, signals)
+        if limits is not None:
+            limits.apply_to_process()
+        sock = socket.socket(family, socket.SOCK_DGRAM, 0, fd)
+        if limits is not None and limits.idle_timeout:
+            sock.settimeout(limits.idle_timeout)
+        started = time.monotonic() if limits is not None and limits.access_log else 0.0
+        try:
+            run((data, sock), peer)
+            status = 0
+        except SystemExit as exc:
+            status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            on_error(sock, peer)
+        finally:
+            sock.close()
+        if started:
+            _access_line(family, peer, time.monotonic() - started, (len(data), None), status)
     except Exception:
         setup_failed(family, peer)
     finally:

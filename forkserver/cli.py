@@ -68,12 +68,16 @@ def _settings(args: argparse.Namespace, activated: bool = False) -> Settings:
     overrides = {
         f.name: getattr(args, f.name) for _, f in cli_flags() if getattr(args, f.name) is not None
     }
+    where = args.config or "command line"
+    if settings.listen and (clash := sorted({"host", "port", "unix"} & set(overrides))):
+        flag = "--" + clash[0]
+        raise ConfigError(f"{where}: {flag} cannot be combined with [[listen]] tables")
     if overrides:
         settings = settings.replace("command line", **overrides)
-    where = args.config or "command line"
-    if not settings.handler:
+    specs = settings.listeners()
+    if not settings.handler and (not specs or not all(spec.handler for spec in specs)):
         raise ConfigError(f'{where}: server.handler is required (e.g. handler = "module:attr")')
-    if not settings.host and not settings.unix and not activated:
+    if not specs and not activated:
         raise ConfigError(f"{where}: no listener: host and unix are both empty")
     return settings
 
@@ -112,7 +116,12 @@ def _start(argv: list[str]) -> int:
         settings = _settings(args, bool(activated or handover))  # checks --log-level first
         log.setup(settings.log_level, settings.log_format)
         if args.check:
-            import_handler(settings.handler, where)
+            from .service import tls_context
+
+            for spec in settings.listeners():
+                import_handler(spec.handler or settings.handler, where)
+                if spec.tls_cert:
+                    tls_context(spec, where)
             print(f"forkserver: {where}: config OK", file=sys.stderr)
             return EXIT_OK
     except ConfigError as exc:
@@ -131,7 +140,7 @@ def _start(argv: list[str]) -> int:
             listeners = adopt_activated(activated)
         else:
             listeners = open_listeners(
-                s.host, s.port, s.unix, s.backlog, s.unix_mode, inherited, s.reuse_port
+                s.listeners(), s.backlog, s.unix_mode, inherited, s.reuse_port
             )
     except BindError as exc:
         if not inherited:

@@ -83,6 +83,129 @@ def _check_account(kind: str) -> Callable[[str], str | None]:
     return check
 
 
+def _check_address(value: str) -> str | None:
+    from .metrics import parse_address
+
+    try:
+        parse_address(value)
+    except ValueError:
+        return f'"{value}" is not "HOST:PORT" (like "127.0.0.1:8000" or "[::1]:8000")'
+    return None
+
+
+def _check_file(value: str) -> str | None:
+    if value and not os.path.isfile(value):
+        return f'"{value}": no such file'
+    return None
+
+
+LISTEN_TABLE = "listen"
+
+
+@dataclass(frozen=True)
+class Listen:
+    """One ``[[listen]]`` table: an address and how its connections are served."""
+
+    tcp: str = _setting(
+        "", 'Listen on TCP "HOST:PORT" ("[::1]:PORT" for IPv6).', check=_check_address
+    )
+    udp: str = _setting(
+        "",
+        'Listen on UDP "HOST:PORT": each datagram is served by its own child, whose '
+        "request is `(data, socket)` (socketserver's ForkingUDPServer).",
+        check=_check_address,
+    )
+    unix: str = _setting("", "Listen on this Unix-domain socket path.")
+    handler: str = _setting(
+        "", "This listener's handler (as `server.handler`); empty: `server.handler`."
+    )
+    tls_cert: str = _setting(
+        "",
+        "PEM certificate chain: serve TLS here. The handshake runs in the child; the "
+        "handler's request is an `ssl.SSLSocket`.",
+        check=_check_file,
+    )
+    tls_key: str = _setting("", "PEM private key for `tls_cert`.", check=_check_file)
+    tls_client_ca: str = _setting(
+        "",
+        "PEM CA bundle: clients must present a certificate it signed (mutual TLS). "
+        "Empty: no client certificate asked for.",
+        check=_check_file,
+    )
+    tls_handshake_timeout: float = _setting(
+        10.0,
+        "Seconds a client gets to complete the TLS handshake; then its child closes "
+        "the connection.",
+        min=0.001,
+        max=3600,
+    )
+    proxy_protocol: bool = _setting(
+        False,
+        "Expect a PROXY protocol header (v1 or v2, as HAProxy's send-proxy sends) on "
+        "each connection: the handler's `client_address`, `allow`/`deny` and the "
+        "per-source limits use the client it names. Read by the parent, without "
+        "blocking, before the connection is admitted.",
+    )
+    proxy_trusted: tuple[str, ...] = _setting(
+        ("127.0.0.0/8", "::1/128"),
+        "Networks (CIDR) allowed to send PROXY headers; connections from elsewhere are "
+        "closed. Unix-socket clients are trusted (the socket file's mode guards them).",
+        check=_check_cidrs,
+    )
+    proxy_timeout: float = _setting(
+        5.0,
+        "Seconds to wait for the whole PROXY header; then the connection is closed.",
+        min=0.001,
+        max=3600,
+    )
+
+    def __post_init__(self) -> None:
+        _check_fields(self, LISTEN_TABLE)
+        where = LISTEN_TABLE
+        given = [k for k in ("tcp", "udp", "unix") if getattr(self, k)]
+        if len(given) != 1:
+            raise ConfigError(
+                f"each [[{where}]] table needs exactly one of tcp, udp, unix; "
+                + (f"got {' and '.join(given)}" if given else "got none")
+            )
+        name = self.name
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError(f"[[{where}]] {name}: tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError(f"[[{where}]] {name}: tls_client_ca needs tls_cert and tls_key")
+        if self.udp and (self.tls_cert or self.proxy_protocol):
+            key = "tls_cert" if self.tls_cert else "proxy_protocol"
+            raise ConfigError(f"[[{where}]] {name}: {key} is for streams (tcp, unix), not udp")
+        if self.handler.startswith("exec:") and (self.udp or self.tls_cert):
+            raise ConfigError(
+                f"[[{where}]] {name}: an exec handler serves plain TCP or Unix streams only"
+            )
+
+    @property
+    def kind(self) -> str:
+        return "tcp" if self.tcp else "udp" if self.udp else "unix"
+
+    @property
+    def name(self) -> str:
+        """How the table is named in messages: "tcp 127.0.0.1:8000"."""
+        return f"{self.kind} {self.tcp or self.udp or self.unix}"
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        """What identifies the socket across a reload (listeners.Listener.key)."""
+        from .listeners import listen_key
+
+        return listen_key(self)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str) -> Listen:
+        try:
+            _reject_unknown(cls, values, f"[[{LISTEN_TABLE}]]")
+            return cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class Settings:
     """The ``[server]`` table.  Construct with keywords; values are checked."""
@@ -113,6 +236,12 @@ class Settings:
         False,
         "SO_REUSEPORT on the TCP listeners: several forkserver instances may listen on "
         "the same port, and the kernel spreads new connections between them.",
+    )
+    listen: tuple[Listen, ...] = _setting(
+        (),
+        "Listeners given as `[[listen]]` tables (see below), each with its own protocol "
+        "(tcp, udp, unix), handler, TLS and PROXY protocol options. When present, `host`, "
+        "`port` and `unix` must not be set.",
     )
     backlog: int = _setting(
         128,
@@ -314,9 +443,7 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            object.__setattr__(self, f.name, _check(f, value, f.name))
+        _check_fields(self, TABLE)
         if self.user and os.geteuid() != 0:
             import pwd
 
@@ -336,19 +463,8 @@ class Settings:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str) -> Settings:
         """Build settings from a TOML-like mapping; *source* prefixes every error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            import difflib
-
-            close = difflib.get_close_matches(unknown[0], known, n=1)
-            hint = (
-                f'did you mean "{close[0]}"?'
-                if close
-                else f"known keys: {', '.join(sorted(known))}"
-            )
-            raise ConfigError(f"{source}: unknown key {TABLE}.{unknown[0]} ({hint})")
         try:
+            _reject_unknown(cls, values, TABLE)
             return cls(**values)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
@@ -360,13 +476,46 @@ class Settings:
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
 
+    def listeners(self) -> tuple[Listen, ...]:
+        """Every listener: the ``[[listen]]`` tables, or those host, port and unix make."""
+        if self.listen:
+            return self.listen
+        tcp = tuple(
+            Listen(tcp=f"[{h}]:{self.port}" if ":" in h else f"{h}:{self.port}") for h in self.host
+        )
+        return tcp + tuple(Listen(unix=path) for path in self.unix)
 
-_FIELD_TYPES: dict[str, Any] = typing.get_type_hints(Settings)
+
+def _reject_unknown(cls: type, values: Mapping[str, Any], table: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f'did you mean "{close[0]}"?' if close else f"known keys: {', '.join(sorted(known))}"
+        shown = f"{table}.{unknown[0]}" if table == TABLE else f"{unknown[0]} in {table}"
+        raise ConfigError(f"unknown key {shown} ({hint})")
 
 
-def _describe(f: dataclasses.Field[Any]) -> str:
+def _check_fields(instance: Any, table: str) -> None:
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        object.__setattr__(instance, f.name, _check(f, value, f.name, table))
+
+
+_FIELD_TYPES: dict[str, dict[str, Any]] = {
+    TABLE: typing.get_type_hints(Settings),
+    LISTEN_TABLE: typing.get_type_hints(Listen),
+}
+_LISTENS = _FIELD_TYPES[TABLE]["listen"]
+
+
+def _describe(f: dataclasses.Field[Any], table: str = TABLE) -> str:
     """What a field expects, in words, for error messages and the README."""
-    kind = _FIELD_TYPES[f.name]
+    kind = _FIELD_TYPES[table][f.name]
+    if kind == _LISTENS:
+        return "an array of tables"
     lo, hi, choices = f.metadata["min"], f.metadata["max"], f.metadata["choices"]
     if choices:
         return "one of " + ", ".join(f'"{c}"' for c in choices)
@@ -397,12 +546,30 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
-def _check(f: dataclasses.Field[Any], value: Any, name: str) -> Any:
+def _check(f: dataclasses.Field[Any], value: Any, name: str, table: str = TABLE) -> Any:
     """Validate and normalise one value, or raise ConfigError naming the key."""
-    kind = _FIELD_TYPES[f.name]
+    kind = _FIELD_TYPES[table][f.name]
     octal = name in ("unix_mode", "umask") and type(value) is int and value >= 0
     shown = f"0o{value:o}" if octal else _show(value)
-    bad = ConfigError(f"{TABLE}.{name} must be {_describe(f)}, got {shown}")
+    key = f"{table}.{name}" if table == TABLE else f"[[{table}]] {name}"
+    bad = ConfigError(f"{key} must be {_describe(f, table)}, got {shown}")
+    if kind == _LISTENS:
+        if not isinstance(value, list | tuple):
+            raise bad
+        tables = []
+        for item in value:
+            if isinstance(item, Mapping):
+                _reject_unknown(Listen, item, f"[[{LISTEN_TABLE}]]")
+                tables.append(Listen(**item))
+            elif isinstance(item, Listen):
+                tables.append(item)
+            else:
+                raise bad
+        keys = [t.key for t in tables]
+        for i, k in enumerate(keys):
+            if k in keys[:i] and k[-1] != "0":  # port 0: a fresh port each
+                raise ConfigError(f"[[{LISTEN_TABLE}]] {tables[i].name} is given twice")
+        return tuple(tables)
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
@@ -431,8 +598,8 @@ def _check(f: dataclasses.Field[Any], value: Any, name: str) -> Any:
     lo, hi = f.metadata["min"], f.metadata["max"]
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise bad
-    if f.metadata["check"] is not None and (problem := f.metadata["check"](value)):
-        raise ConfigError(f"{TABLE}.{name}: {problem}")
+    if f.metadata["check"] is not None and value and (problem := f.metadata["check"](value)):
+        raise ConfigError(f"{key}: {problem}")
     return value
 
 
@@ -445,12 +612,30 @@ def load(path: str) -> Settings:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    extra = sorted(set(document) - {TABLE})
+    extra = sorted(set(document) - {TABLE, LISTEN_TABLE})
     if extra:
-        raise ConfigError(f"{path}: unknown table or key {extra[0]!r} (expected a [{TABLE}] table)")
+        raise ConfigError(
+            f"{path}: unknown table or key {extra[0]!r} "
+            f"(expected a [{TABLE}] table and [[{LISTEN_TABLE}]] tables)"
+        )
     table = document.get(TABLE, {})
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: {TABLE} must be a table, got {_show(table)}")
+    if LISTEN_TABLE in document:
+        listen = document[LISTEN_TABLE]
+        if not isinstance(listen, list) or not all(isinstance(t, dict) for t in listen):
+            raise ConfigError(f"{path}: listen must be [[{LISTEN_TABLE}]] tables")
+        if LISTEN_TABLE in table:
+            raise ConfigError(
+                f"{path}: give listeners as [[{LISTEN_TABLE}]] tables, not server.listen"
+            )
+        clash = sorted({"host", "port", "unix"} & set(table))
+        if clash:
+            raise ConfigError(
+                f"{path}: server.{clash[0]} cannot be combined with [[{LISTEN_TABLE}]] "
+                "tables: give every listener as a table"
+            )
+        table = {**table, LISTEN_TABLE: listen}
     return Settings.from_mapping(table, path)
 
 
@@ -460,7 +645,7 @@ def cli_flags() -> list[tuple[str, dataclasses.Field[Any]]]:
 
 
 def field_type(f: dataclasses.Field[Any]) -> Any:
-    return _FIELD_TYPES[f.name]
+    return _FIELD_TYPES[TABLE][f.name]
 
 
 def _toml_literal(value: Any, name: str) -> str:
@@ -474,7 +659,7 @@ def _toml_literal(value: Any, name: str) -> str:
 
 
 def reference_table() -> str:
-    """The README's config reference, as a Markdown table."""
+    """The README's config reference: [server], then [[listen]], as Markdown tables."""
     rows = ["| key | default | flag | meaning |", "| --- | --- | --- | --- |"]
     for f in dataclasses.fields(Settings):
         default = "(required)" if f.name == "handler" else f"`{_toml_literal(f.default, f.name)}`"
@@ -482,4 +667,10 @@ def reference_table() -> str:
         rows.append(
             f"| `{f.name}` | {default} | {flag} | {f.metadata['help']} Expects {_describe(f)}. |"
         )
+    rows += ["", f"Each `[[{LISTEN_TABLE}]]` table:", ""]
+    rows += ["| key | default | meaning |", "| --- | --- | --- |"]
+    for f in dataclasses.fields(Listen):
+        default = f"`{_toml_literal(f.default, f.name)}`"
+        help_text = f"{f.metadata['help']} Expects {_describe(f, LISTEN_TABLE)}."
+        rows.append(f"| `{f.name}` | {default} | {help_text} |")
     return "\n".join(rows)

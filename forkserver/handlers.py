@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     HandlerType: TypeAlias = Callable[..., Any]
 
-__all__ = ["BaseHandler", "HandlerType", "StreamHandler", "import_handler"]
+__all__ = ["BaseHandler", "DatagramHandler", "HandlerType", "StreamHandler", "import_handler"]
 
 
 class BaseHandler:
@@ -91,6 +91,28 @@ class StreamHandler(BaseHandler):
                 pass  # the peer went away; nothing left to deliver to
         self.wfile.close()
         self.rfile.close()
+
+
+class DatagramHandler(BaseHandler):
+    """For UDP listeners, like socketserver's DatagramRequestHandler.
+
+    ``request`` is ``(data, socket)``: ``rfile`` reads the datagram, and what
+    :meth:`handle` writes to ``wfile`` is sent back to ``client_address`` in
+    one datagram (if anything was written).
+    """
+
+    rfile: io.BytesIO
+    wfile: io.BytesIO
+
+    def setup(self) -> None:
+        self.packet, self.socket = self.request
+        self.rfile = io.BytesIO(self.packet)
+        self.wfile = io.BytesIO()
+
+    def finish(self) -> None:
+        reply = self.wfile.getvalue()
+        if reply:
+            self.socket.sendto(reply, self.client_address)
 
 
 class _SocketWriter(io.BufferedIOBase):
@@ -197,8 +219,10 @@ class ExecHandler:
         import socket
 
         env = dict(os.environ)
-        if conn.family in (socket.AF_INET, socket.AF_INET6):
-            local = conn.getsockname()
+        # By the client's address, not the socket's family: through the PROXY
+        # protocol a TCP client may arrive on a Unix socket.
+        if isinstance(addr, tuple):
+            local = conn.getsockname() if conn.family != socket.AF_UNIX else ("", "")
             env.update(
                 PROTO="TCP",
                 TCPREMOTEIP=str(addr[0]),

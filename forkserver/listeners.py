@@ -17,6 +17,10 @@ from collections.abc import Sequence
 from . import log
 from .errors import BindError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 __all__ = ["BindError", "Listener", "format_address", "open_listeners", "somaxconn"]
 
 logger = log.get_logger(__name__)
@@ -43,6 +47,17 @@ def format_address(family: int, address: object) -> str:
     return str(address)
 
 
+def listen_key(spec: Any) -> tuple[str, ...]:
+    """What identifies a configured listener (config.Listen) across a reload:
+    ("tcp", host, port), ("udp", host, port) or ("unix", path)."""
+    if spec.unix:
+        return ("unix", spec.unix)
+    host, _, port = (spec.tcp or spec.udp).rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return ("tcp" if spec.tcp else "udp", host, str(int(port)))
+
+
 class Listener:
     """One bound, listening, non-blocking socket."""
 
@@ -55,6 +70,11 @@ class Listener:
         self.sock = sock
         self.family = sock.family
         self.address = sock.getsockname()
+        # A UDP socket: read with recvfrom() (one child per datagram), never accepted.
+        self.datagram = sock.type == socket.SOCK_DGRAM
+        # How its connections are served, when not the server's default
+        # handler on plain TCP: set by the server (service.py).
+        self.service: Any = None
         # What the config said ("tcp", host, port) / ("unix", path), or
         # ("systemd", name): a reload keeps a listener whose key is unchanged.
         self.key = key
@@ -64,7 +84,8 @@ class Listener:
 
     @property
     def name(self) -> str:
-        return format_address(self.family, self.address)
+        shown = format_address(self.family, self.address)
+        return "udp:" + shown if self.datagram else shown
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -107,14 +128,19 @@ class Listener:
         self._unix_inode = None
 
 
-def _bind_tcp(
-    host: str, port: int, backlog: int, dual_stack: bool, reuse_port: bool = False
+def _bind_inet(
+    host: str,
+    port: int,
+    backlog: int,
+    dual_stack: bool,
+    reuse_port: bool = False,
+    kind: int = socket.SOCK_STREAM,
 ) -> Listener:
-    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    """A TCP listener, or with kind=SOCK_DGRAM a bound UDP socket."""
+    udp = kind == socket.SOCK_DGRAM
+    shown = ("udp:" if udp else "") + (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     try:
-        infos = socket.getaddrinfo(
-            host or "0.0.0.0", port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
+        infos = socket.getaddrinfo(host or "0.0.0.0", port, type=kind, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise BindError(f"cannot resolve {shown}: {exc.strerror}") from None
     family, kind, proto, _, sockaddr = infos[0]
@@ -126,12 +152,15 @@ def _bind_tcp(
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
         sock.bind(sockaddr)
-        sock.listen(backlog)
+        if not udp:
+            sock.listen(backlog)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise BindError(f"cannot listen on {shown}: {exc.strerror}") from None
-    return Listener(sock, key=("tcp", host, str(port)))
+        raise BindError(
+            f"cannot {'bind' if udp else 'listen on'} {shown}: {exc.strerror}"
+        ) from None
+    return Listener(sock, key=("udp" if udp else "tcp", host, str(port)))
 
 
 def _remove_stale_unix(path: str) -> None:
@@ -211,27 +240,29 @@ def open_metrics_listener(
     from .metrics import parse_address
 
     host, port = parse_address(address)
-    listener = _bind_tcp(host, port, backlog, dual_stack=True)
+    listener = _bind_inet(host, port, backlog, dual_stack=True)
     listener.key = key
     return listener
 
 
 def open_listeners(
-    hosts: tuple[str, ...],
-    port: int,
-    unix_paths: tuple[str, ...],
+    specs: Sequence[Any],
     backlog: int,
     unix_mode: int,
     reuse: Sequence[Listener] = (),
     reuse_port: bool = False,
 ) -> list[Listener]:
-    """Bind every configured address, or close what was bound and raise BindError.
+    """Bind every configured listener (config.Listen), or close what was bound
+    and raise BindError.
 
     *reuse* are listeners inherited across a reload: one whose configured
     address is still configured is kept (its queue, and the connections
     waiting in it, survive); the others are closed once the rest is bound.
     Sockets systemd passed are always kept."""
-    kept = {lis.key: lis for lis in reuse if lis.key[:1] != ("metrics",)}
+    kept: dict[tuple[str, ...], list[Listener]] = {}
+    for lis in reuse:
+        if lis.key[:1] != ("metrics",):
+            kept.setdefault(lis.key, []).append(lis)
     cap = somaxconn()
     if cap is not None and backlog > cap:
         logger.warning(
@@ -240,33 +271,37 @@ def open_listeners(
             cap,
             cap,
         )
-    # "::" accepts IPv4 too unless the IPv4 wildcard is also configured, in
-    # which case both would claim 0.0.0.0:PORT and the second bind would fail.
-    v4_wildcard = any(h in ("", "0.0.0.0") for h in hosts)
+    keys = [spec.key for spec in specs]
+    # "::" accepts IPv4 too unless the IPv4 wildcard on the same port is also
+    # configured, in which case both would claim 0.0.0.0:PORT and the second
+    # bind would fail.
+    v4_wildcards = {(k[0], k[2]) for k in keys if k[0] != "unix" and k[1] in ("", "0.0.0.0")}
     listeners: list[Listener] = []
     try:
-        wanted: list[tuple[str, ...]] = [("tcp", h, str(port)) for h in hosts]
-        wanted += [("unix", p) for p in unix_paths]
-        for key in wanted:
-            old = kept.pop(key, None)
+        for key in keys:
+            old = kept.get(key, [None]).pop(0) if kept.get(key) else None
             if old is not None:
-                old.sock.listen(backlog)  # the backlog may have changed
+                if old.sock.type == socket.SOCK_STREAM:
+                    old.sock.listen(backlog)  # the backlog may have changed
                 listeners.append(old)
-            elif key[0] == "tcp":
-                listeners.append(
-                    _bind_tcp(key[1], port, backlog, not v4_wildcard, reuse_port=reuse_port)
-                )
-            else:
+            elif key[0] == "unix":
                 listeners.append(_bind_unix(key[1], backlog, unix_mode))
+            else:
+                dual_stack = (key[0], key[2]) not in v4_wildcards
+                kind = socket.SOCK_DGRAM if key[0] == "udp" else socket.SOCK_STREAM
+                listeners.append(
+                    _bind_inet(key[1], int(key[2]), backlog, dual_stack, reuse_port, kind)
+                )
     except BindError:
         for listener in listeners:
             if listener not in reuse:
                 listener.close_and_unlink()
         raise
-    for old_key, old in kept.items():
-        if old_key[0] == "systemd":
-            listeners.append(old)
-        else:
-            logger.info("closing listener %s: no longer configured", old.name)
-            old.close_and_unlink()
+    for old_key, olds in kept.items():
+        for old in olds:
+            if old_key[0] == "systemd":
+                listeners.append(old)
+            else:
+                logger.info("closing listener %s: no longer configured", old.name)
+                old.close_and_unlink()
     return listeners

@@ -30,11 +30,35 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["LEVELS", "Logger", "get_logger", "setup"]
+__all__ = ["INTERVAL", "LEVELS", "Logger", "Throttle", "get_logger", "setup"]
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 _NAMES = {v: k.upper() for k, v in LEVELS.items()}
 FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
+
+
+class Throttle:
+    """Allows one log line per interval and counts what it held back."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last = -interval
+        self.suppressed = 0
+
+    def ready(self) -> bool:
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            return True
+        self.suppressed += 1
+        return False
+
+    def take_suppressed(self) -> int:
+        n, self.suppressed = self.suppressed, 0
+        return n
+
+
+INTERVAL = 10.0  # at most one line per interval for a fault that repeats
 
 
 class _State:

@@ -31,24 +31,27 @@ from .child import ChildLimits, detach_from_parent, leave, serve, setup_failed
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Sequence
     from typing import Any, NoReturn
+
+    from .service import Service
 
 __all__ = ["BUSY_RECORD", "decode_busy", "encode_peer", "run_spare"]
 
-# Address family, port, address (IPv4 in the first 4 bytes, or IPv6).
-PEER = struct.Struct("=HH16s")
+# Address family, port, the listener's service (0: none, else its index + 1),
+# address (IPv4 in the first 4 bytes, or IPv6).
+PEER = struct.Struct("=HHH16s")
 # The spare's pid, then the peer: well under PIPE_BUF, so written atomically.
 BUSY_RECORD = struct.Struct("=i" + PEER.format[1:])
 _FD_SPACE = socket.CMSG_SPACE(4)
 
 
-def encode_peer(family: int, peer: Any) -> bytes:
+def encode_peer(family: int, peer: Any, service: int = 0) -> bytes:
     if family == socket.AF_INET:
-        return PEER.pack(family, peer[1], socket.inet_aton(peer[0]))
+        return PEER.pack(family, peer[1], service, socket.inet_aton(peer[0]))
     if family == socket.AF_INET6:
-        return PEER.pack(family, peer[1], socket.inet_pton(family, peer[0]))
-    return PEER.pack(family, 0, b"")
+        return PEER.pack(family, peer[1], service, socket.inet_pton(family, peer[0]))
+    return PEER.pack(family, 0, service, b"")
 
 
 def _decode_peer(family: int, port: int, raw: bytes) -> Any:
@@ -63,14 +66,14 @@ def decode_busy(data: bytes) -> list[tuple[int, int, Any]]:
     """(pid, family, peer) for each whole record in *data*."""
     return [
         (pid, family, _decode_peer(family, port, raw))
-        for pid, family, port, raw in BUSY_RECORD.iter_unpack(data)
+        for pid, family, port, _, raw in BUSY_RECORD.iter_unpack(data)
     ]
 
 
-def receive_connection(handoff_fd: int, busy_fd: int) -> tuple[int, int, Any] | None:
+def receive_connection(handoff_fd: int, busy_fd: int) -> tuple[int, int, Any, int] | None:
     """In a spare: wait for the parent to hand over a connection; None when retired.
 
-    Returns (fd, family, peer); the handoff socket and busy pipe are closed.
+    Returns (fd, family, peer, service); the handoff socket and busy pipe are closed.
     """
     handoff = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, handoff_fd)
     try:
@@ -87,13 +90,13 @@ def receive_connection(handoff_fd: int, busy_fd: int) -> tuple[int, int, Any] | 
         for level, kind, cdata in ancillary
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
     )
-    family, port, raw = PEER.unpack(data)
+    family, port, service, raw = PEER.unpack(data)
     try:
         os.write(busy_fd, struct.pack("=i", os.getpid()) + data)
     except OSError:
         pass  # the parent is gone; serve the connection all the same
     os.close(busy_fd)
-    return fd, family, _decode_peer(family, port, raw)
+    return fd, family, _decode_peer(family, port, raw), service
 
 
 def run_spare(
@@ -104,17 +107,26 @@ def run_spare(
     run: Callable[[socket.socket, Any], None],
     on_error: Callable[[socket.socket, Any], None],
     limits: ChildLimits | None = None,
+    services: Sequence[Service] = (),
 ) -> NoReturn:
     """Become a spare: wait for one connection, serve it; never returns.
 
-    A spare retired before it got a connection exits 0."""
+    A connection from a listener with a service (its own handler, TLS, the
+    PROXY protocol) names it by index into *services*, plus one.  A spare
+    retired before it got a connection exits 0."""
     status = 1
     try:
         detach_from_parent(parent_fds, signals)
         if limits is not None:
             limits.apply_to_process()  # as the user, before any connection arrives
         got = receive_connection(handoff_fd, busy_fd)
-        status = 0 if got is None else serve(got[0], got[1], got[2], run, on_error, limits)
+        if got is None:
+            status = 0
+        elif got[3]:
+            service = services[got[3] - 1]
+            status = serve(got[0], got[1], got[2], service.run, on_error, limits, service)
+        else:
+            status = serve(got[0], got[1], got[2], run, on_error, limits)
     except Exception:
         setup_failed(0, None)
     finally:

@@ -26,6 +26,7 @@ from socket import (
     AF_UNIX,
     MSG_DONTWAIT,
     SCM_RIGHTS,
+    SHUT_RD,
     SHUT_WR,
     SOCK_SEQPACKET,
     SOCK_STREAM,
@@ -37,7 +38,7 @@ from socket import socket as Socket
 from . import boot, log, pidfile, systemd
 from .admission import Admission
 from .boot import INHERIT_ENV, handover_env
-from .child import ChildLimits, serve_connection
+from .child import ChildLimits, serve_connection, serve_datagram
 from .children import Child, ChildTable, describe_status
 from .handlers import import_handler, is_handler_class
 from .listeners import Listener, format_address, open_listeners
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
 
     from .config import Settings
     from .handlers import HandlerType
+    from .headers import HeaderReader
+    from .service import Service
 
 __all__ = ["Server"]
 
@@ -62,35 +65,16 @@ _SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 # Out of descriptors or kernel memory: pause accepting briefly, then retry.
 _BACKOFF_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 BACKOFF_SECONDS = 0.1
+_DATAGRAM_MAX = 65535  # the largest UDP payload
 MAX_SCRAPES = 4  # metrics scrape children at once; more are closed unanswered
 _BUSY_PIPE = "busy-pipe"  # selector data for the pool's busy pipe
 _UPGRADE_PIPE = "upgrade-pipe"  # selector data: a new parent says it is ready
 _METRICS = "metrics"  # selector data: the metrics listener
+_HEADERS = "proxy-headers"  # selector data: connections waiting for a PROXY header
 # Read whole records only: records are written atomically, so a read whose
 # size is a multiple of the record size never splits one.
 _BUSY_READ = BUSY_RECORD.size * 2048
-LOG_INTERVAL = 10.0  # at most one log line per interval for repeating faults
-
-
-class _Throttle:
-    """Allows one log line per interval and counts what it held back."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._last = -interval
-        self.suppressed = 0
-
-    def ready(self) -> bool:
-        now = time.monotonic()
-        if now - self._last >= self.interval:
-            self._last = now
-            return True
-        self.suppressed += 1
-        return False
-
-    def take_suppressed(self) -> int:
-        n, self.suppressed = self.suppressed, 0
-        return n
+LOG_INTERVAL = log.INTERVAL
 
 
 def _settings_for_address(server_address: Any) -> dict[str, Any]:
@@ -130,19 +114,26 @@ class Server:
         settings: Settings,
         handler: HandlerType | None = None,
         listeners: list[Listener] | None = None,
+        source: str = "",
     ) -> Server:
         """A server for loaded settings; imports ``settings.handler`` if *handler*
-        is None, and adopts already bound *listeners* if given."""
+        is None, and adopts already bound *listeners* if given.  *source*
+        (the config file) prefixes configuration errors."""
         self = cls.__new__(cls)
-        self._setup(settings, handler if handler is not None else import_handler(settings.handler))
+        if handler is None and settings.handler:
+            handler = import_handler(settings.handler)
+        self._setup(settings, handler)
         if listeners:
             self.listeners = list(listeners)
+            self._build_services(source)
         return self
 
-    def _setup(self, settings: Settings, handler: HandlerType) -> None:
+    def _setup(self, settings: Settings, handler: HandlerType | None) -> None:
         self.settings = settings
-        self.RequestHandlerClass = handler
-        self._handler_is_class = is_handler_class(handler)
+        # None only when every listener has its own handler (service.py).
+        self._default_handler = handler
+        self.RequestHandlerClass: HandlerType = handler if handler is not None else _no_handler
+        self._handler_is_class = is_handler_class(self.RequestHandlerClass)
         self.listeners: list[Listener] = []
         # The metrics endpoint: not a serving listener (never paused, never
         # counted); each scrape is a child forked with a snapshot (metrics.py).
@@ -165,11 +156,11 @@ class Server:
         self._resume_at: float | None = None
         self._term_at: float | None = None
         self._kill_at: float | None = None
-        self._queued: deque[tuple[int, int, Any]] = deque()
+        self._queued: deque[tuple[int, int, Any, Service | None]] = deque()
         self._poll_interval: float | None = None
         self._pidfd_mode = False
-        self._accept_log = _Throttle(LOG_INTERVAL)
-        self._fork_log = _Throttle(LOG_INTERVAL)
+        self._accept_log = log.Throttle(LOG_INTERVAL)
+        self._fork_log = log.Throttle(LOG_INTERVAL)
         # The pool of spares (spare_children > 0); see pool.py.
         self._pool = settings.spare_children > 0
         self._idle: set[int] = set()  # spares not yet known to hold a connection
@@ -181,7 +172,7 @@ class Server:
         self._admission = Admission(settings)
         self._refuse_when_full = settings.when_full == "refuse"
         self.refused: dict[str, int] = {}
-        self._refusal_logs: dict[str, _Throttle] = {}
+        self._refusal_logs: dict[str, log.Throttle] = {}
         self._limits = ChildLimits(settings)
         self._child_limits = self._limits if self._limits.any else None
         # max_lifetime: (deadline, pid, started, killing) per child serving a
@@ -195,6 +186,10 @@ class Server:
         # Whether a new child needs anything beyond the child table (kept as
         # one flag: the per-connection path stays a few attribute reads).
         self._per_child_work = self._admission.enabled or bool(settings.max_lifetime)
+        # Listeners with their own handler, TLS, PROXY protocol or UDP (service.py),
+        # and connections waiting for their PROXY header (headers.py).
+        self._services: list[Service] = []
+        self._headers: HeaderReader | None = None
 
     def adopt(
         self, argv: list[str], children: list[tuple[int, int, Any, float]], ready_fd: int
@@ -219,8 +214,14 @@ class Server:
         if not self.listeners or self.listeners[0].closed:
             s = self.settings
             self.listeners = open_listeners(
-                s.host, s.port, s.unix, s.backlog, s.unix_mode, reuse_port=s.reuse_port
+                s.listeners(), s.backlog, s.unix_mode, reuse_port=s.reuse_port
             )
+            try:
+                self._build_services()
+            except BaseException:
+                for listener in self.listeners:
+                    listener.close_and_unlink()
+                raise
         if getattr(self.settings, "metrics", "") and (
             self.metrics_listener is None or self.metrics_listener.closed
         ):
@@ -229,6 +230,14 @@ class Server:
             self.metrics_listener = open_metrics_listener(
                 self.settings.metrics, self.settings.backlog
             )
+
+    def _build_services(self, source: str = "") -> None:
+        """Each listener's Service (service.py); raises ConfigError."""
+        from .service import build_services
+
+        specs = self.settings.listeners()
+        build_services(specs, self.listeners, self._default_handler, self, source)
+        self._services = [lis.service for lis in self.listeners if lis.service is not None]
 
     @property
     def server_address(self) -> Any:
@@ -307,6 +316,7 @@ class Server:
                 selector.register(self._busy_r, selectors.EVENT_READ, _BUSY_PIPE)
                 self._busy_poll = select.poll()
                 self._busy_poll.register(self._busy_r, select.POLLIN)
+            self._start_services(selector)
             if self.settings.umask >= 0:
                 os.umask(self.settings.umask)
             self._signals_to_reset = (
@@ -327,14 +337,15 @@ class Server:
             if self.settings.pidfile:  # before anything says we are ready
                 pidfile.write(self.settings.pidfile)
             for listener in self.listeners:
-                logger.info("listening on %s", listener.name)
+                label = listener.service.label if listener.service is not None else ""
+                logger.info("listening on %s%s", listener.name, label)
             if self.metrics_listener is not None:
                 self._metrics_paused(False)  # registered, if _resume_listening did not yet
                 logger.info("metrics on http://%s/metrics", self.metrics_listener.name)
             logger.info(
                 "forkserver ready: pid %d, handler %s, max_children %d, spare_children %d",
                 os.getpid(),
-                _handler_name(self.RequestHandlerClass),
+                _handler_name(self._default_handler),
                 self.settings.max_children,
                 self.settings.spare_children,
             )
@@ -366,6 +377,9 @@ class Server:
             self._idle.clear()
             self._in_transit = 0
             self._lifetimes.clear()
+            if self._headers is not None:
+                self._headers.close()
+                self._headers = None
             selector.close()
             # From the command line the process exits next: keep our handlers,
             # or a late SIGUSR2 (default: terminate) would turn exit 0 into -12.
@@ -386,9 +400,10 @@ class Server:
                 or self._kill_at is not None
                 or self._refill_at is not None
                 or self._lifetimes
+                or self._headers
             ):
                 self._run_timers()
-            if self._stopping and not self.children and not self._queued:
+            if self._stopping and not self.children and not self._queued and not self._headers:
                 logger.info("stopped: all children have exited")
                 return
             for key, _ in selector.select(self._timeout()):
@@ -396,9 +411,15 @@ class Server:
                 if data is None:
                     wakeup.drain()
                 elif isinstance(data, Listener):
-                    self._accept(data)
+                    if data.datagram:
+                        self._receive(data)
+                    else:
+                        self._accept(data)
                 elif data is _BUSY_PIPE:
                     self._read_busy()
+                elif data is _HEADERS:
+                    assert self._headers is not None
+                    self._headers.ready()
                 elif data is _UPGRADE_PIPE:
                     self._upgrade_answer()
                 elif data is _METRICS:
@@ -410,7 +431,8 @@ class Server:
 
     def _timeout(self) -> float | None:
         lifetime = self._lifetimes[0][0] if self._lifetimes else None
-        timers = (self._resume_at, self._term_at, self._kill_at, self._refill_at, lifetime)
+        header = self._headers.next_deadline if self._headers else None
+        timers = (self._resume_at, self._term_at, self._kill_at, self._refill_at, lifetime, header)
         deadlines = [t for t in timers if t is not None]
         if not deadlines:
             return self._poll_interval  # the common case: sleep until something happens
@@ -424,6 +446,8 @@ class Server:
             self._fill_pool()
         while self._lifetimes and self._lifetimes[0][0] <= now:
             self._lifetime_over(*heapq.heappop(self._lifetimes))
+        if self._headers:
+            self._headers.expire()
         if self._resume_at is not None and now >= self._resume_at:
             self._resume_at = None
             self._resume_listening()
@@ -482,11 +506,38 @@ class Server:
             if exc.errno not in _SKIP_ERRNOS:
                 self._accept_failed(listener, exc)
             return
-        self._take(fd, listener.family, peer)
+        service = listener.service
+        if service is None:
+            self._take(fd, listener.family, peer)
+        elif service.trusted is not None:
+            self._wait_for_header(fd, peer, listener)
+        else:
+            self._take(fd, listener.family, peer, service)
         if not self._can_accept():
             self._pause_listening()
 
-    def _take(self, fd: int, family: int, peer: Any) -> None:
+    def _start_services(self, selector: selectors.EpollSelector) -> None:
+        """Before the first fork: the PROXY header reader, if a listener needs it."""
+        if any(s.trusted is not None for s in self._services) and self._headers is None:
+            from .headers import HeaderReader
+
+            self._headers = HeaderReader(self._header_read)
+            selector.register(self._headers.fileno(), selectors.EVENT_READ, _HEADERS)
+
+    def _wait_for_header(self, fd: int, peer: Any, listener: Listener) -> None:
+        """A PROXY protocol listener: admission waits for the header (headers.py)."""
+        assert self._headers is not None
+        if len(self._headers) >= self.settings.max_children:
+            self._refuse(fd, listener.family, peer, "proxy_backlog")
+            return
+        self._headers.start(fd, peer, listener)
+
+    def _header_read(self, fd: int, family: int, peer: Any, listener: Listener) -> None:
+        self._take(fd, family, peer, listener.service)
+        if self._listening and not self._can_accept():
+            self._pause_listening()
+
+    def _take(self, fd: int, family: int, peer: Any, service: Service | None = None) -> None:
         """An accepted connection: admit it (or refuse it), then give it a
         child, or queue it until a child exits."""
         self.accepted += 1
@@ -497,13 +548,86 @@ class Server:
             if reason is not None:
                 self._refuse(fd, family, peer, reason)
                 return
-        if not self._dispatch(fd, family, peer):
+        if not self._dispatch(fd, family, peer, service):
             if self._refuse_when_full:
                 self._refuse(fd, family, peer, "full")
                 return
             # At max_children while stopping (or a full handoff queue): the
             # next child to exit makes room for it.
-            self._queued.append((fd, family, peer))
+            self._queued.append((fd, family, peer, service))
+
+    def _receive(self, listener: Listener) -> bool:
+        """A UDP listener: read one datagram and fork its child (socketserver's
+        ForkingUDPServer); False when none was waiting."""
+        try:
+            data, peer = listener.sock.recvfrom(_DATAGRAM_MAX)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            # ECONNREFUSED and the like: an ICMP error for an earlier reply.
+            return True
+        self.accepted += 1
+        family = listener.family
+        if self._admission.enabled:
+            reason = self._admission.check(family, peer, len(self.children) - len(self._idle))
+            if reason is not None:
+                self._refuse_datagram(family, peer, reason)
+                return True
+        if len(self.children) >= self.settings.max_children:
+            self._refuse_datagram(family, peer, "full")  # when_full = refuse, or stopping
+            return True
+        service = listener.service
+        try:
+            pid = self._fork()
+        except OSError as exc:
+            self._fork_failed(exc, f"dropping a datagram from {format_address(family, peer)}")
+            self._refuse_datagram(family, peer, "fork_failed")
+            return True
+        if pid == 0:
+            serve_datagram(
+                os.dup(listener.fileno()),  # ours: the parent's copy is closed next
+                data,
+                family,
+                peer,
+                self._child_closes(),
+                self._signals_to_reset,
+                service.run,
+                self.handle_error,
+                self._child_limits,
+            )
+        child = Child(pid, family, peer, time.monotonic())
+        self._track(child)
+        if self._per_child_work:
+            self._serving_starts(child)
+            self._admission.opened(child.source)
+        if not self._can_accept():
+            self._pause_listening()
+        return True
+
+    def _refuse_datagram(self, family: int, peer: Any, reason: str) -> None:
+        """Drop a datagram: counted and logged like a refused connection; no
+        reply (a UDP client cannot tell a refusal from a loss anyway)."""
+        self._note_refusal(family, peer, reason, "dropped a datagram from", "dropped")
+
+    def _note_refusal(
+        self, family: int, peer: Any, reason: str, what: str = "refused", past: str = "refused"
+    ) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        if self.settings.access_log:
+            peer_text = format_address(family, peer)
+            access.record("%s %s %s", peer_text, past, reason, peer=peer_text, status=reason)
+        throttle = self._refusal_logs.get(reason)
+        if throttle is None:
+            throttle = self._refusal_logs[reason] = log.Throttle(LOG_INTERVAL)
+        if throttle.ready():
+            held = throttle.take_suppressed()
+            logger.warning(
+                "%s %s: %s%s",
+                what,
+                format_address(family, peer),
+                reason,
+                f" ({held} more {past} for this reason since the last report)" if held else "",
+            )
 
     def _can_accept(self) -> bool:
         """Whether to accept now: a connection would get a child at once, or
@@ -518,21 +642,7 @@ class Server:
         """Close a connection the admission rules (or a full server) refuse,
         after the busy message; count and log it, at most once per interval
         per reason, so a flood cannot flood the log."""
-        self.refused[reason] = self.refused.get(reason, 0) + 1
-        if self.settings.access_log:
-            peer_text = format_address(family, peer)
-            access.record("%s refused %s", peer_text, reason, peer=peer_text, status=reason)
-        throttle = self._refusal_logs.get(reason)
-        if throttle is None:
-            throttle = self._refusal_logs[reason] = _Throttle(LOG_INTERVAL)
-        if throttle.ready():
-            held = throttle.take_suppressed()
-            logger.warning(
-                "refused %s: %s%s",
-                format_address(family, peer),
-                reason,
-                f" ({held} more refused for this reason since the last report)" if held else "",
-            )
+        self._note_refusal(family, peer, reason)
         sock = Socket(family, SOCK_STREAM, 0, fd)
         try:
             if self.settings.busy_message:
@@ -542,23 +652,24 @@ class Server:
             pass  # the client left already; it is refused all the same
         sock.close()
 
-    def _dispatch(self, fd: int, family: int, peer: Any) -> bool:
+    def _dispatch(self, fd: int, family: int, peer: Any, service: Service | None = None) -> bool:
         """Give accepted connection *fd* to an idle spare, or fork a child for
         it; False when neither is possible (max_children reached)."""
-        if len(self._idle) > self._in_transit and self._hand_off(fd, family, peer):
+        if len(self._idle) > self._in_transit and self._hand_off(fd, family, peer, service):
             if self._admission.enabled:
                 self._admission.opened(self._admission.source(family, peer))
             return True
         if len(self.children) >= self.settings.max_children:
             return False
-        self._spawn(fd, family, peer)
+        self._spawn(fd, family, peer, service)
         return True
 
-    def _hand_off(self, fd: int, family: int, peer: Any) -> bool:
+    def _hand_off(self, fd: int, family: int, peer: Any, service: Service | None) -> bool:
         assert self._handoff is not None
+        index = 0 if service is None else self._services.index(service) + 1
         try:
             self._handoff.sendmsg(
-                [encode_peer(family, peer)],
+                [encode_peer(family, peer, index)],
                 [(SOL_SOCKET, SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))],
             )
         except OSError:  # the queue is full (spares are slow to start): fork instead
@@ -607,7 +718,7 @@ class Server:
         if self._pidfd_mode:
             self._watch_pidfd(child)
 
-    def _spawn(self, fd: int, family: int, peer: Any) -> None:
+    def _spawn(self, fd: int, family: int, peer: Any, service: Service | None = None) -> None:
         """Fork a child for accepted connection *fd*."""
         try:
             pid = self._fork()
@@ -622,9 +733,10 @@ class Server:
                 peer,
                 self._child_closes(),
                 self._signals_to_reset,
-                self.finish_request,
+                self.finish_request if service is None else service.run,
                 self.handle_error,
                 self._child_limits,
+                service,
             )
         # close() only drops a reference: if the parent kept its copy, the
         # client would never see EOF when the child is done.
@@ -662,6 +774,7 @@ class Server:
                 self.finish_request,
                 self.handle_error,
                 self._child_limits,
+                self._services,
             )
         self._track(Child(pid, 0, None, time.monotonic()))
         self._idle.add(pid)
@@ -717,6 +830,8 @@ class Server:
         yield self._wakeup.rfd
         yield self._wakeup.wfd
         yield self._selector.fileno()
+        if self._headers is not None:
+            yield from self._headers.fds()
         for listener in self.listeners:
             if not listener.closed:
                 yield listener.fileno()
@@ -849,9 +964,9 @@ class Server:
         while self._queued:
             # Off the queue before its child is forked: a new child closes
             # every queued fd, as other clients' connections.
-            fd, family, peer = self._queued.popleft()
-            if not self._dispatch(fd, family, peer):
-                self._queued.appendleft((fd, family, peer))
+            fd, family, peer, service = self._queued.popleft()
+            if not self._dispatch(fd, family, peer, service):
+                self._queued.appendleft((fd, family, peer, service))
                 break
         if not self._stopping and (not self._listening or self._pool):
             # A slot is free, and an exiting child may have freed descriptors
@@ -1031,7 +1146,9 @@ class Server:
         children = [(c.pid, int(c.family), c.peer, now - c.started) for c in self.children]
         env = self._command_env()
         env[INHERIT_ENV] = handover_env(self._all_listeners(), children)
-        for fd, family, peer in self._queued:  # rare: at the limit, a full handoff queue
+        if self._headers:
+            self._headers.close_all("the server is reloading")
+        for fd, family, peer, _ in self._queued:  # rare: at the limit, a full handoff queue
             os.close(fd)
             logger.warning(
                 "reload: closed a connection from %s queued at the limit",
@@ -1129,6 +1246,8 @@ class Server:
                     listener.close()
             elif close_listeners:
                 self._close_listeners(drain=not immediate)
+            if immediate and self._headers:
+                self._headers.close_all("stopping now")
             self._retire_spares()
             if not immediate:
                 self._term_at = time.monotonic() + self.settings.graceful_timeout
@@ -1159,13 +1278,33 @@ class Server:
     def _drain_backlog(self) -> None:
         """Take in connections the kernel already queued, so closing the
         listeners does not reset them; serve each as a slot frees up."""
+        drained: list[tuple[int, Any, Listener]] = []
         for listener in self.listeners:
-            while len(self._queued) < self.settings.backlog:
+            if listener.datagram:
+                for _ in range(self.settings.backlog):
+                    if not self._receive(listener):
+                        break
+                continue
+            while len(drained) + len(self._queued) < self.settings.backlog:
                 try:
                     fd, peer = listener.sock._accept()  # type: ignore[attr-defined]
                 except OSError:
                     break
-                self._take(fd, listener.family, peer)
+                drained.append((fd, peer, listener))
+            # Stop listening in every process at once: a child forked a moment
+            # ago holds a copy of the listener until it gets to close it, and
+            # what the kernel queued on that copy would be reset then. Only
+            # after the accepts: shutdown() resets what is still queued.
+            try:
+                listener.sock.shutdown(SHUT_RD)
+            except OSError:
+                pass  # not connected: some kernels refuse it on a Unix listener
+        for fd, peer, listener in drained:  # forks only now, the window above stays short
+            service = listener.service
+            if service is not None and service.trusted is not None:
+                self._wait_for_header(fd, peer, listener)
+            else:
+                self._take(fd, listener.family, peer, service)
 
     def _drop_queued(self, why: str) -> None:
         if self._queued:
@@ -1191,6 +1330,13 @@ class Server:
             self.children.exited(child.pid, status)
 
 
-def _handler_name(handler: HandlerType) -> str:
+def _no_handler(conn: Socket, addr: Any) -> None:
+    """Server.RequestHandlerClass when every listener has its own handler."""
+    raise RuntimeError("no handler for this listener")
+
+
+def _handler_name(handler: HandlerType | None) -> str:
+    if handler is None:
+        return "(each listener its own)"
     module = getattr(handler, "__module__", "?")
     return f"{module}:{getattr(handler, '__qualname__', repr(handler))}"

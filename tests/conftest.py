@@ -84,7 +84,7 @@ class ServerProcess:
     def tcp_address(self) -> tuple[str, int]:
         """The first TCP address the server reported, as (host, port)."""
         for addr in self.addresses:
-            if not addr.startswith("unix:"):
+            if not addr.startswith(("unix:", "udp:")):
                 host, _, port = addr.rpartition(":")
                 return host.strip("[]"), int(port)
         raise AssertionError(f"no TCP listener in {self.addresses}")

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from forkserver.config import ConfigError, Settings, load, reference_table
+from forkserver.config import ConfigError, Listen, Settings, load, reference_table
 from tests.conftest import run_forkserver
 
 # -- Settings ---------------------------------------------------------------
@@ -25,6 +25,7 @@ def test_defaults() -> None:
         "unix": (),
         "unix_mode": 0o666,
         "reuse_port": False,
+        "listen": (),
         "backlog": 128,
         "handler": "",
         "max_children": 1024,
@@ -194,15 +195,19 @@ def test_load_of_empty_file_gives_defaults(tmp_path: Path) -> None:
     assert load(str(path)) == Settings()
 
 
-def _table_rows() -> list[list[str]]:
-    lines = reference_table().splitlines()
-    assert lines[:2] == ["| key | default | flag | meaning |", "| --- | --- | --- | --- |"]
+def _table_rows(listen: bool = False) -> list[list[str]]:
+    server, _, rest = reference_table().partition("\n\n")
+    lines = (rest.split("\n\n", 1)[1] if listen else server).splitlines()
+    header = "| key | default | meaning |" if listen else "| key | default | flag | meaning |"
+    assert lines[0] == header
     return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines[2:]]
 
 
 def test_reference_table_lists_every_field_exactly_once_in_order() -> None:
     keys = [row[0] for row in _table_rows()]
     assert keys == [f"`{f.name}`" for f in dataclasses.fields(Settings)]
+    keys = [row[0] for row in _table_rows(listen=True)]
+    assert keys == [f"`{f.name}`" for f in dataclasses.fields(Listen)]
 
 
 def test_reference_table_rows_say_default_flag_and_expectation() -> None:

@@ -17,3 +17,12 @@ class EchoHandler(BaseHandler):
         # recv() only touches what actually arrives.
         while data := conn.recv(BUFSIZE):  # b"": the peer closed its side
             conn.sendall(data)
+
+
+class DatagramEchoHandler(BaseHandler):
+    """UDP echo: send each datagram back to its sender, whole (UDP keeps
+    message boundaries, unlike TCP)."""
+
+    def handle(self) -> None:
+        data, sock = self.request
+        sock.sendto(data, self.client_address)
