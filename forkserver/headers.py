@@ -62,14 +62,17 @@ class HeaderReader:
     whose header is complete: ``admit(fd, family, peer, listener)`` with the
     client the header names (or the real peer, for LOCAL and UNKNOWN)."""
 
-    def __init__(self, admit: Callable[[int, int, Any, Listener], None]) -> None:
+    def __init__(
+        self, admit: Callable[[int, int, Any, Listener], None], refused: dict[str, int]
+    ) -> None:
         self._admit = admit
+        # The server's refusals by reason (exported as metrics): "proxy_header"
+        # for a bad, late or missing header, "proxy_untrusted" for the source.
+        self._refused = refused
         self._epoll = select.epoll()
         self._waiting: dict[int, _Waiting] = {}
         self._deadlines: list[tuple[float, int, _Waiting]] = []  # (deadline, seq, ...)
         self._seq = 0
-        self.failed = 0  # connections closed for their header (or its absence)
-        self.untrusted = 0  # of which from untrusted sources
         self._untrusted_log = log.Throttle(log.INTERVAL)
 
     def fileno(self) -> int:
@@ -94,13 +97,12 @@ class HeaderReader:
         waiting = _Waiting(sock, listener.family, peer, listener)
         if not listener.service.trusts(listener.family, peer):
             # Anyone can reach the port: log this one at most once per interval.
-            self.untrusted += 1
+            self._refused["proxy_untrusted"] = self._refused.get("proxy_untrusted", 0) + 1
             if self._untrusted_log.ready():
                 held = self._untrusted_log.take_suppressed()
                 more = f" ({held} more since the last report)" if held else ""
-                self._fail(waiting, f"not from a trusted source (proxy_trusted){more}")
+                self._fail(waiting, f"not from a trusted source (proxy_trusted){more}", None)
             else:
-                self.failed += 1
                 sock.close()
             return
         if self._read(waiting):
@@ -181,9 +183,10 @@ class HeaderReader:
         self._admit(sock.detach(), family, peer, waiting.listener)
         return True
 
-    def _fail(self, waiting: _Waiting, reason: str) -> None:
+    def _fail(self, waiting: _Waiting, reason: str, kind: str | None = "proxy_header") -> None:
         self._forget(waiting)
-        self.failed += 1
+        if kind is not None:
+            self._refused[kind] = self._refused.get(kind, 0) + 1
         logger.warning(
             "PROXY header from %s: %s; closing the connection",
             format_address(waiting.family, waiting.peer),

@@ -521,19 +521,20 @@ class Server:
         if any(s.trusted is not None for s in self._services) and self._headers is None:
             from .headers import HeaderReader
 
-            self._headers = HeaderReader(self._header_read)
+            self._headers = HeaderReader(self._header_read, self.refused)
             selector.register(self._headers.fileno(), selectors.EVENT_READ, _HEADERS)
 
     def _wait_for_header(self, fd: int, peer: Any, listener: Listener) -> None:
         """A PROXY protocol listener: admission waits for the header (headers.py)."""
         assert self._headers is not None
+        self.accepted += 1
         if len(self._headers) >= self.settings.max_children:
             self._refuse(fd, listener.family, peer, "proxy_backlog")
             return
         self._headers.start(fd, peer, listener)
 
     def _header_read(self, fd: int, family: int, peer: Any, listener: Listener) -> None:
-        self._take(fd, family, peer, listener.service)
+        self._admit(fd, family, peer, listener.service)
         if self._listening and not self._can_accept():
             self._pause_listening()
 
@@ -541,6 +542,9 @@ class Server:
         """An accepted connection: admit it (or refuse it), then give it a
         child, or queue it until a child exits."""
         self.accepted += 1
+        self._admit(fd, family, peer, service)
+
+    def _admit(self, fd: int, family: int, peer: Any, service: Service | None = None) -> None:
         if self._admission.enabled:
             # Load is the children serving connections: idle spares are not.
             busy = len(self.children) - len(self._idle) + self._in_transit
