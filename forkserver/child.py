@@ -36,6 +36,7 @@ __all__ = [
     "serve",
     "serve_connection",
     "serve_datagram",
+    "set_exit_notes",
 ]
 
 
@@ -274,6 +275,21 @@ def _access_line(
     )  # fmt: skip
 
 
+# The write end of the parent's exit-notes pipe (children.py), or -1; set by
+# the parent before it forks, so every child has it.  Non-blocking: a full
+# pipe (a parent far behind) only costs the parent a walk of its children.
+exit_notes = -1
+
+
+def set_exit_notes(fd: int) -> None:
+    """In the parent: children will note their exit on *fd*; -1 closes the
+    current one and stops the notes."""
+    global exit_notes
+    if exit_notes >= 0:
+        os.close(exit_notes)
+    exit_notes = fd
+
+
 def leave(status: int) -> NoReturn:
     """End the child: never return into the parent's loop, never run its atexit."""
     # Flush what the handler print()ed: os._exit skips interpreter cleanup.
@@ -282,6 +298,11 @@ def leave(status: int) -> NoReturn:
             stream.flush()
         except Exception:
             pass  # a closed or broken stream: nothing more can be said
+    if exit_notes >= 0:
+        try:  # 4 bytes: atomic, so the parent never reads half a pid
+            os.write(exit_notes, os.getpid().to_bytes(4, sys.byteorder))
+        except OSError:
+            pass  # the parent will find this exit by walking its children
     os._exit(status)
 
 

@@ -18,6 +18,7 @@ import os
 import select
 import selectors
 import signal
+import struct
 import sys
 import time
 from collections import deque
@@ -38,8 +39,8 @@ from socket import socket as Socket
 from . import boot, log, pidfile, systemd
 from .admission import Admission
 from .boot import INHERIT_ENV, handover_env
-from .child import ChildLimits, serve_connection, serve_datagram
-from .children import Child, ChildTable, describe_status
+from .child import ChildLimits, serve_connection, serve_datagram, set_exit_notes
+from .children import WALK_DELAY, Child, ChildTable, describe_status
 from .handlers import import_handler, is_handler_class
 from .listeners import Listener, format_address, open_listeners
 from .pool import BUSY_RECORD, decode_busy, encode_peer, run_spare
@@ -74,6 +75,8 @@ _HEADERS = "proxy-headers"  # selector data: connections waiting for a PROXY hea
 # Read whole records only: records are written atomically, so a read whose
 # size is a multiple of the record size never splits one.
 _BUSY_READ = BUSY_RECORD.size * 2048
+_NOTES_READ = 4 * 4096  # exit notes: 4-byte pids, so whole ones, as above
+_NOTE = struct.Struct("i")
 LOG_INTERVAL = log.INTERVAL
 
 
@@ -168,6 +171,8 @@ class Server:
         self._refill_at: float | None = None  # a spare's fork failed: retry then
         self._handoff: Socket | None = None  # the parent's end
         self._handoff_child = self._busy_r = self._busy_w = -1
+        self._notes_r = -1  # exit notes: the pids of children about to exit (children.py)
+        self._walk_at: float | None = None  # then walk all children (children.py)
         # Admission (admission.py), refusals by reason, per-child limits.
         self._admission = Admission(settings)
         self._refuse_when_full = settings.when_full == "refuse"
@@ -308,6 +313,9 @@ class Server:
                     self._pidfd_mode = True
                 else:
                     self._poll_interval = 0.5
+            if not self._pidfd_mode and self._poll_interval is None:
+                self._notes_r, notes_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+                set_exit_notes(notes_w)
             if self._pool:
                 self._busy_r, self._busy_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
                 ours, theirs = socketpair(AF_UNIX, SOCK_SEQPACKET)
@@ -368,12 +376,14 @@ class Server:
                 self._stop_leftover_children()
             self._stopping = self._shutdown_request = False
             self._term_at = self._kill_at = self._resume_at = self._refill_at = None
+            self._walk_at = None
             self._listening = False
             self._retire_spares()
-            for fd in (self._busy_r, self._busy_w, self._handoff_child):
+            for fd in (self._busy_r, self._busy_w, self._handoff_child, self._notes_r):
                 if fd >= 0:
                     os.close(fd)
-            self._handoff_child = self._busy_r = self._busy_w = -1
+            set_exit_notes(-1)
+            self._handoff_child = self._busy_r = self._busy_w = self._notes_r = -1
             self._idle.clear()
             self._in_transit = 0
             self._lifetimes.clear()
@@ -399,6 +409,7 @@ class Server:
                 or self._term_at is not None
                 or self._kill_at is not None
                 or self._refill_at is not None
+                or self._walk_at is not None
                 or self._lifetimes
                 or self._headers
             ):
@@ -432,7 +443,15 @@ class Server:
     def _timeout(self) -> float | None:
         lifetime = self._lifetimes[0][0] if self._lifetimes else None
         header = self._headers.next_deadline if self._headers else None
-        timers = (self._resume_at, self._term_at, self._kill_at, self._refill_at, lifetime, header)
+        timers = (
+            self._resume_at,
+            self._term_at,
+            self._kill_at,
+            self._refill_at,
+            self._walk_at,
+            lifetime,
+            header,
+        )
         deadlines = [t for t in timers if t is not None]
         if not deadlines:
             return self._poll_interval  # the common case: sleep until something happens
@@ -441,6 +460,9 @@ class Server:
 
     def _run_timers(self) -> None:
         now = time.monotonic()
+        if self._walk_at is not None and now >= self._walk_at:
+            self._walk_at = None
+            self._after_reap(self.children.reap())
         if self._refill_at is not None and now >= self._refill_at:
             self._refill_at = None
             self._fill_pool()
@@ -845,6 +867,8 @@ class Server:
             yield self._handoff.fileno()
         if self._busy_r >= 0:
             yield self._busy_r
+        if self._notes_r >= 0:
+            yield self._notes_r
         if self._check is not None:
             yield self._check[1]
         if self._upgrade is not None:
@@ -983,7 +1007,20 @@ class Server:
         # still unread: read it first, so the exit is logged with its peer.
         if self._pool and self._busy_r >= 0 and self._busy_poll.poll(0):
             self._read_busy()
-        self._after_reap(self.children.reap())
+        if self._notes_r < 0:
+            self._after_reap(self.children.reap())
+            return
+        try:
+            notes = os.read(self._notes_r, _NOTES_READ)
+        except BlockingIOError:
+            notes = b""
+        pids = _NOTE.unpack(notes) if len(notes) == 4 else memoryview(notes).cast("i")
+        gone, walked = self.children.reap_noted(pids, self.settings.max_children)
+        if walked:
+            self._walk_at = None
+        elif self._walk_at is None:
+            self._walk_at = time.monotonic() + WALK_DELAY
+        self._after_reap(gone)
 
     # -- stopping ------------------------------------------------------------
 
