@@ -28,12 +28,16 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest
 
-## Regenerate the README's configuration table from forkserver/config.py.
+## Regenerate the README's generated blocks: the configuration tables (from
+## forkserver/config.py) and the HAProxy recipe (conf/haproxy.cfg).
 readme: $(STAMP)
 	$(BIN)/python -c 'import pathlib; from forkserver.config import reference_table; \
 	p = pathlib.Path("README.md"); s = p.read_text(); \
-	a, b = "<!-- settings:begin -->\n", "<!-- settings:end -->"; \
-	i, j = s.index(a) + len(a), s.index(b); p.write_text(s[:i] + reference_table() + "\n" + s[j:])'
+	cfg = pathlib.Path("conf/haproxy.cfg").read_text(); \
+	put = lambda s, name, text: s[: s.index(f"<!-- {name}:begin -->\n") + len(name) + 16] \
+	    + text + s[s.index(f"<!-- {name}:end -->") :]; \
+	s = put(s, "settings", reference_table() + "\n"); \
+	p.write_text(put(s, "haproxy", "```\n" + cfg + "```\n"))'
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache

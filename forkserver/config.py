@@ -257,7 +257,8 @@ class Settings:
         "(socketserver-style) or a plain function `handler(conn, addr)`. Imported once, "
         'in the parent, before the first fork. Or "exec:/path/prog arg...": a program '
         "run with the connection as stdin and stdout and the UCSPI environment, as "
-        "tcpserver and inetd do (split into words, never through a shell). Required.",
+        "tcpserver and inetd do (split into words, never through a shell). Required, "
+        "unless every `[[listen]]` table names its own.",
         cli="--handler",
     )
     max_children: int = _setting(
@@ -649,6 +650,8 @@ def field_type(f: dataclasses.Field[Any]) -> Any:
 
 
 def _toml_literal(value: Any, name: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, tuple):
         return "[" + ", ".join(f'"{v}"' for v in value) + "]"
     if name in ("unix_mode", "umask") and value >= 0:

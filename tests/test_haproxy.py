@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerProcess, StartServer, recv_to_eof, wait_until
+from tests.conftest import ROOT, ServerProcess, StartServer, recv_to_eof, wait_until
 
 
 def _find_haproxy() -> str | None:
@@ -102,29 +102,27 @@ class Haproxy:
             pass
 
 
-CONFIG = """\
-global
-    maxconn 512
-    log stdout format raw local0 info
+# The documented recipe (conf/haproxy.cfg, shown in the README) with this
+# test's ports: the frontend on the socket the test bound, one server line
+# per instance with the recipe's options, health checks every 200 ms.
+RECIPE = (ROOT / "conf" / "haproxy.cfg").read_text()
 
-defaults
-    mode tcp
-    log global
-    option tcplog
-    timeout connect 1s
-    timeout client 10s
-    timeout server 10s
-    retries 3
-    option redispatch 1
 
-frontend fe
-    bind fd@{fd}
-    default_backend be
-
-backend be
-    balance roundrobin
-{servers}
-"""
+def recipe_config(fd: int, ports: list[int]) -> str:
+    lines = RECIPE.splitlines()
+    servers = [line for line in lines if line.split()[:1] == ["server"]]
+    assert servers, "conf/haproxy.cfg has no server line"
+    options = " ".join(servers[0].split()[3:]).replace("inter 2s", "inter 200ms")
+    assert "send-proxy-v2" in options and "check-send-proxy" in options, options
+    out = []
+    for line in lines:
+        if line.split()[:1] == ["bind"]:
+            out.append(f"    bind fd@{fd}")
+        elif line is servers[0]:
+            out += [f"    server s{i} 127.0.0.1:{p} {options}" for i, p in enumerate(ports)]
+        elif line not in servers:
+            out.append(line)
+    return "\n".join(out) + "\n"
 
 
 @pytest.fixture
@@ -135,17 +133,12 @@ def start_haproxy(tmp_path: Path) -> Iterator[Callable[[list[ServerProcess]], Ha
     def start(instances: list[ServerProcess]) -> Haproxy:
         assert HAPROXY is not None
         n = len(started)
-        servers = "".join(
-            f"    server s{i} 127.0.0.1:{port_of(server)} "
-            "send-proxy-v2 check check-send-proxy inter 200ms\n"
-            for i, server in enumerate(instances)
-        )
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as frontend:
             frontend.bind(("127.0.0.1", 0))
             frontend.listen(128)
             fd = frontend.fileno()
             config = tmp_path / f"haproxy{n}.cfg"
-            config.write_text(CONFIG.format(fd=fd, servers=servers))
+            config.write_text(recipe_config(fd, [port_of(server) for server in instances]))
             log = tmp_path / f"haproxy{n}.log"
             with log.open("wb") as out:
                 proc = subprocess.Popen(

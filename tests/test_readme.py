@@ -1,4 +1,4 @@
-"""The README's promises that code can check: its settings table and Quickstart."""
+"""The README's promises that code can check: generated blocks and the Quickstart."""
 
 from __future__ import annotations
 
@@ -10,9 +10,17 @@ from tests.conftest import ROOT
 README = (ROOT / "README.md").read_text()
 
 
+def _block(name: str) -> str:
+    return README.split(f"<!-- {name}:begin -->\n", 1)[1].split(f"<!-- {name}:end -->", 1)[0]
+
+
 def test_settings_table_is_generated_from_config() -> None:
-    block = README.split("<!-- settings:begin -->\n", 1)[1].split("<!-- settings:end -->", 1)[0]
-    assert block == reference_table() + "\n", "README is stale: run `make readme`"
+    assert _block("settings") == reference_table() + "\n", "README is stale: run `make readme`"
+
+
+def test_haproxy_recipe_is_the_tested_config_file() -> None:
+    config = (ROOT / "conf" / "haproxy.cfg").read_text()
+    assert _block("haproxy") == f"```\n{config}```\n", "README is stale: run `make readme`"
 
 
 def test_quickstart_is_exactly_make_run_and_make_test() -> None:
