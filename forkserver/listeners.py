@@ -26,6 +26,7 @@ __all__ = ["BindError", "Listener", "format_address", "open_listeners", "somaxco
 logger = log.get_logger(__name__)
 
 SOMAXCONN_PATH = "/proc/sys/net/core/somaxconn"
+_SO_ATTACH_FILTER = 26  # Linux; not exported by the socket module
 
 
 def somaxconn() -> int | None:
@@ -113,6 +114,31 @@ class Listener:
         sock.setblocking(False)
         inode = (unix_inode[0], unix_inode[1]) if unix_inode else None
         return cls(sock, inode, tuple(key))
+
+    def refuse_new(self) -> None:
+        """Stop the kernel from starting new TCP connections on this listener
+        (a socket filter drops incoming SYNs), while those it has queued stay.
+
+        For a graceful stop: the queue is drained after this, then the
+        socket shut down.  Without the filter a connection whose handshake
+        completed between the last accept() and the shutdown would be reset
+        (the client thinks it connected); with it that client's SYN goes
+        unanswered, and its retry, a second later, is refused: a proxy can
+        send it elsewhere."""
+        if self.family not in (socket.AF_INET, socket.AF_INET6) or self.datagram:
+            return
+        import ctypes
+        import struct
+
+        # Classic BPF, on the TCP header: drop if (flags & (SYN|ACK)) == SYN.
+        program = [(0x30, 0, 0, 13), (0x54, 0, 0, 0x12), (0x15, 0, 1, 0x02)]
+        program += [(0x06, 0, 0, 0), (0x06, 0, 0, 0xFFFFFFFF)]
+        code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in program))
+        fprog = struct.pack("HL", len(program), ctypes.addressof(code))
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+        except OSError:
+            pass  # no socket filters here: the window stays, it is short
 
     def close_and_unlink(self) -> None:
         self.close()

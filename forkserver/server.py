@@ -1329,6 +1329,8 @@ class Server:
         listeners does not reset them; serve each as a slot frees up."""
         drained: list[tuple[int, Any, Listener]] = []
         for listener in self.listeners:
+            listener.refuse_new()
+        for listener in self.listeners:
             if listener.datagram:
                 for _ in range(self.settings.backlog):
                     if not self._receive(listener):
@@ -1343,7 +1345,8 @@ class Server:
             # Stop listening in every process at once: a child forked a moment
             # ago holds a copy of the listener until it gets to close it, and
             # what the kernel queued on that copy would be reset then. Only
-            # after the accepts: shutdown() resets what is still queued.
+            # after the accepts: shutdown() resets what is still queued (and
+            # since refuse_new(), nothing new joins the queue).
             try:
                 listener.sock.shutdown(SHUT_RD)
             except OSError:
