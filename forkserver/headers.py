@@ -22,7 +22,7 @@ from __future__ import annotations
 import heapq
 import select
 import time
-from socket import MSG_DONTWAIT, MSG_PEEK, SOCK_STREAM
+from socket import AF_INET6, MSG_DONTWAIT, MSG_PEEK, SOCK_STREAM
 from socket import socket as Socket
 
 from . import log
@@ -63,11 +63,14 @@ class HeaderReader:
     client the header names (or the real peer, for LOCAL and UNKNOWN)."""
 
     def __init__(
-        self, admit: Callable[[int, int, Any, Listener], None], refused: dict[str, int]
+        self,
+        admit: Callable[[int, int, Any, Listener], None],
+        refused: Callable[[int, Any, str], None],
     ) -> None:
         self._admit = admit
-        # The server's refusals by reason (exported as metrics): "proxy_header"
-        # for a bad, late or missing header, "proxy_untrusted" for the source.
+        # Counts a refusal (metrics, access log): refused(family, peer, reason)
+        # with "proxy_header" for a bad, late or missing header and
+        # "proxy_untrusted" for the source.
         self._refused = refused
         self._epoll = select.epoll()
         self._waiting: dict[int, _Waiting] = {}
@@ -97,7 +100,7 @@ class HeaderReader:
         waiting = _Waiting(sock, listener.family, peer, listener)
         if not listener.service.trusts(listener.family, peer):
             # Anyone can reach the port: log this one at most once per interval.
-            self._refused["proxy_untrusted"] = self._refused.get("proxy_untrusted", 0) + 1
+            self._refused(listener.family, peer, "proxy_untrusted")
             if self._untrusted_log.ready():
                 held = self._untrusted_log.take_suppressed()
                 more = f" ({held} more since the last report)" if held else ""
@@ -179,6 +182,8 @@ class HeaderReader:
             family, peer = waiting.family, waiting.peer  # a health check: the proxy itself
         else:
             family, peer = header.family, header.source
+            if family == AF_INET6:  # the shape accept() gives: (host, port, flowinfo, scope_id)
+                peer = (*peer, 0, 0)
         self._forget(waiting)
         self._admit(sock.detach(), family, peer, waiting.listener)
         return True
@@ -186,7 +191,7 @@ class HeaderReader:
     def _fail(self, waiting: _Waiting, reason: str, kind: str | None = "proxy_header") -> None:
         self._forget(waiting)
         if kind is not None:
-            self._refused[kind] = self._refused.get(kind, 0) + 1
+            self._refused(waiting.family, waiting.peer, kind)
         logger.warning(
             "PROXY header from %s: %s; closing the connection",
             format_address(waiting.family, waiting.peer),

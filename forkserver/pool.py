@@ -44,22 +44,26 @@ PEER = struct.Struct("=HHH16s")
 # The spare's pid, then the peer: well under PIPE_BUF, so written atomically.
 BUSY_RECORD = struct.Struct("=i" + PEER.format[1:])
 _FD_SPACE = socket.CMSG_SPACE(4)
+_MESSAGE = PEER.size + 108  # and a Unix peer's path (sun_path: 108 bytes)
 
 
 def encode_peer(family: int, peer: Any, service: int = 0) -> bytes:
+    """The handoff message: PEER, then a Unix peer's path, if it has one
+    (the busy record copies only PEER: the parent lists it as unnamed)."""
     if family == socket.AF_INET:
         return PEER.pack(family, peer[1], service, socket.inet_aton(peer[0]))
     if family == socket.AF_INET6:
         return PEER.pack(family, peer[1], service, socket.inet_pton(family, peer[0]))
-    return PEER.pack(family, 0, service, b"")
+    path = os.fsencode(peer) if isinstance(peer, str) else bytes(peer or b"")
+    return PEER.pack(family, 0, service, b"") + path
 
 
-def _decode_peer(family: int, port: int, raw: bytes) -> Any:
+def _decode_peer(family: int, port: int, raw: bytes, path: bytes = b"") -> Any:
     if family == socket.AF_INET:
         return (socket.inet_ntoa(raw[:4]), port)
     if family == socket.AF_INET6:
         return (socket.inet_ntop(family, raw), port, 0, 0)
-    return ""
+    return os.fsdecode(path)
 
 
 def decode_busy(data: bytes) -> list[tuple[int, int, Any]]:
@@ -79,7 +83,7 @@ def receive_connection(handoff_fd: int, busy_fd: int) -> tuple[int, int, Any, in
     try:
         # MSG_CMSG_CLOEXEC: as accept4() does for a child forked on accept, so
         # a handler's own subprocesses do not inherit the client's socket.
-        data, ancillary, _, _ = handoff.recvmsg(PEER.size, _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
+        data, ancillary, _, _ = handoff.recvmsg(_MESSAGE, _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
     finally:
         handoff.close()
     if not data:
@@ -90,13 +94,13 @@ def receive_connection(handoff_fd: int, busy_fd: int) -> tuple[int, int, Any, in
         for level, kind, cdata in ancillary
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
     )
-    family, port, service, raw = PEER.unpack(data)
+    family, port, service, raw = PEER.unpack_from(data)
     try:
-        os.write(busy_fd, struct.pack("=i", os.getpid()) + data)
+        os.write(busy_fd, struct.pack("=i", os.getpid()) + data[: PEER.size])
     except OSError:
         pass  # the parent is gone; serve the connection all the same
     os.close(busy_fd)
-    return fd, family, _decode_peer(family, port, raw), service
+    return fd, family, _decode_peer(family, port, raw, data[PEER.size :]), service
 
 
 def run_spare(

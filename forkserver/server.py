@@ -195,6 +195,9 @@ class Server:
         # and connections waiting for their PROXY header (headers.py).
         self._services: list[Service] = []
         self._headers: HeaderReader | None = None
+        # Most connections waiting for their header at once (each holds an fd
+        # in the parent); not max_children: a slow proxy must not hold up the rest.
+        self._headers_limit = max(settings.max_children, settings.backlog)
 
     def adopt(
         self, argv: list[str], children: list[tuple[int, int, Any, float]], ready_fd: int
@@ -431,6 +434,8 @@ class Server:
                 elif data is _HEADERS:
                     assert self._headers is not None
                     self._headers.ready()
+                    if not self._listening:  # a header done: room for the next
+                        self._resume_listening()
                 elif data is _UPGRADE_PIPE:
                     self._upgrade_answer()
                 elif data is _METRICS:
@@ -470,6 +475,8 @@ class Server:
             self._lifetime_over(*heapq.heappop(self._lifetimes))
         if self._headers:
             self._headers.expire()
+            if not self._listening:
+                self._resume_listening()
         if self._resume_at is not None and now >= self._resume_at:
             self._resume_at = None
             self._resume_listening()
@@ -543,14 +550,14 @@ class Server:
         if any(s.trusted is not None for s in self._services) and self._headers is None:
             from .headers import HeaderReader
 
-            self._headers = HeaderReader(self._header_read, self.refused)
+            self._headers = HeaderReader(self._header_read, self._count_refusal)
             selector.register(self._headers.fileno(), selectors.EVENT_READ, _HEADERS)
 
     def _wait_for_header(self, fd: int, peer: Any, listener: Listener) -> None:
         """A PROXY protocol listener: admission waits for the header (headers.py)."""
         assert self._headers is not None
         self.accepted += 1
-        if len(self._headers) >= self.settings.max_children:
+        if len(self._headers) >= self._headers_limit:  # when_full = "refuse"
             self._refuse(fd, listener.family, peer, "proxy_backlog")
             return
         self._headers.start(fd, peer, listener)
@@ -635,13 +642,18 @@ class Server:
         reply (a UDP client cannot tell a refusal from a loss anyway)."""
         self._note_refusal(family, peer, reason, "dropped a datagram from", "dropped")
 
-    def _note_refusal(
-        self, family: int, peer: Any, reason: str, what: str = "refused", past: str = "refused"
-    ) -> None:
+    def _count_refusal(self, family: int, peer: Any, reason: str, past: str = "refused") -> None:
+        """Count a refusal by reason (metrics), with its access-log line."""
         self.refused[reason] = self.refused.get(reason, 0) + 1
         if self.settings.access_log:
             peer_text = format_address(family, peer)
             access.record("%s %s %s", peer_text, past, reason, peer=peer_text, status=reason)
+
+    def _note_refusal(
+        self, family: int, peer: Any, reason: str, what: str = "refused", past: str = "refused"
+    ) -> None:
+        """_count_refusal, and a warning at most once per interval per reason."""
+        self._count_refusal(family, peer, reason, past)
         throttle = self._refusal_logs.get(reason)
         if throttle is None:
             throttle = self._refusal_logs[reason] = log.Throttle(LOG_INTERVAL)
@@ -662,6 +674,12 @@ class Server:
             self._refuse_when_full
             or len(self.children) < self.settings.max_children
             or len(self._idle) > self._in_transit
+        ) and (
+            # Enough connections wait for their PROXY header: the next ones
+            # wait in the backlog (or are refused).
+            self._headers is None
+            or self._refuse_when_full
+            or len(self._headers) < self._headers_limit
         )
 
     def _refuse(self, fd: int, family: int, peer: Any, reason: str) -> None:
