@@ -187,6 +187,7 @@ class Server:
         self._argv: list[str] | None = None
         self._ready_fd = -1  # tell the parent that started us (an upgrade) we are up
         self._check: tuple[int, int] | None = None  # a reload's config check: pid, output
+        self._reexec_pending = False  # a reload waits for PROXY headers being read
         self._upgrade: tuple[int, int] | None = None  # a new parent: pid, its readiness pipe
         # Whether a new child needs anything beyond the child table (kept as
         # one flag: the per-connection path stays a few attribute reads).
@@ -380,6 +381,7 @@ class Server:
             self._stopping = self._shutdown_request = False
             self._term_at = self._kill_at = self._resume_at = self._refill_at = None
             self._walk_at = None
+            self._reexec_pending = False
             self._listening = False
             self._retire_spares()
             for fd in (self._busy_r, self._busy_w, self._handoff_child, self._notes_r):
@@ -417,6 +419,11 @@ class Server:
                 or self._headers
             ):
                 self._run_timers()
+            if self._reexec_pending and not self._headers:
+                self._reexec_pending = False
+                if not self._stopping and self._upgrade is None:
+                    logger.info("reloading: re-executing (pid %d)", os.getpid())
+                    self._reexec()
             if self._stopping and not self.children and not self._queued and not self._headers:
                 logger.info("stopped: all children have exited")
                 return
@@ -956,7 +963,7 @@ class Server:
         if self._resume_at is None:
             self._metrics_paused(False)
         self._fill_pool()
-        if self._listening or self._stopping or self._selector is None:
+        if self._listening or self._stopping or self._selector is None or self._reexec_pending:
             return
         if self._resume_at is not None or not self._can_accept():
             return
@@ -1167,8 +1174,8 @@ class Server:
         if self._argv is None:
             logger.warning("SIGHUP ignored: reload needs the command line (python -m forkserver)")
             return
-        if self._check is not None or self._stopping or self._upgrade is not None:
-            busy = "a reload" if self._check else "an upgrade" if self._upgrade else "a stop"
+        if self._check or self._reexec_pending or self._stopping or self._upgrade:
+            busy = "an upgrade" if self._upgrade else "a stop" if self._stopping else "a reload"
             logger.info("SIGHUP ignored: %s is in progress", busy)
             return
         systemd.notify("RELOADING=1")
@@ -1202,6 +1209,16 @@ class Server:
             logger.error("reload refused, still serving the old config: %s", lines[-1])
             systemd.notify("READY=1")
             return
+        if self._headers:
+            # Their header is half read: what was read would be lost across
+            # exec. Hold new connections in the backlog (they survive the
+            # exec) until these are done, at most proxy_timeout.
+            logger.info(
+                "reloading once %d connections have their PROXY header", len(self._headers)
+            )
+            self._reexec_pending = True
+            self._pause_listening()
+            return
         logger.info("reloading: the new config is valid; re-executing (pid %d)", os.getpid())
         self._reexec()
 
@@ -1213,8 +1230,6 @@ class Server:
         children = [(c.pid, int(c.family), c.peer, now - c.started) for c in self.children]
         env = self._command_env()
         env[INHERIT_ENV] = handover_env(self._all_listeners(), children)
-        if self._headers:
-            self._headers.close_all("the server is reloading")
         for fd, family, peer, _ in self._queued:  # rare: at the limit, a full handoff queue
             os.close(fd)
             logger.warning(
@@ -1241,8 +1256,8 @@ class Server:
         if self._argv is None:
             logger.warning("SIGUSR2 ignored: upgrade needs the command line (python -m forkserver)")
             return
-        if self._upgrade is not None or self._stopping or self._check is not None:
-            busy = "an upgrade" if self._upgrade else "a reload" if self._check else "a stop"
+        if self._upgrade or self._stopping or self._check or self._reexec_pending:
+            busy = "an upgrade" if self._upgrade else "a stop" if self._stopping else "a reload"
             logger.info("SIGUSR2 ignored: %s is in progress", busy)
             return
         r, w = os.pipe2(os.O_CLOEXEC)
