@@ -74,8 +74,10 @@ class Listener:
         # A UDP socket: read with recvfrom() (one child per datagram), never accepted.
         self.datagram = sock.type == socket.SOCK_DGRAM
         # How its connections are served, when not the server's default
-        # handler on plain TCP: set by the server (service.py).
+        # handler on plain TCP: set by the server (service.py), from the
+        # config.Listen it was bound for (spec, kept as a dict across a reload).
         self.service: Any = None
+        self.spec: dict[str, Any] | None = None
         # What the config said ("tcp", host, port) / ("unix", path), or
         # ("systemd", name): a reload keeps a listener whose key is unchanged.
         self.key = key
@@ -102,18 +104,29 @@ class Listener:
     def inherit(self) -> dict[str, object]:
         """Mark the fd to survive exec(); returns what adopt() needs on the other side."""
         os.set_inheritable(self.sock.fileno(), True)
-        return {"fd": self.sock.fileno(), "unix_inode": self._unix_inode, "key": self.key}
+        return {
+            "fd": self.sock.fileno(),
+            "unix_inode": self._unix_inode,
+            "key": self.key,
+            "spec": self.spec,
+        }
 
     @classmethod
     def adopt(
-        cls, fd: int, unix_inode: Sequence[int] | None = None, key: Sequence[str] = ()
+        cls,
+        fd: int,
+        unix_inode: Sequence[int] | None = None,
+        key: Sequence[str] = (),
+        spec: dict[str, Any] | None = None,
     ) -> Listener:
         """Take over a listening socket inherited as *fd* (after exec)."""
         sock = socket.socket(fileno=fd)
         sock.set_inheritable(False)
         sock.setblocking(False)
         inode = (unix_inode[0], unix_inode[1]) if unix_inode else None
-        return cls(sock, inode, tuple(key))
+        listener = cls(sock, inode, tuple(key))
+        listener.spec = spec
+        return listener
 
     def refuse_new(self) -> None:
         """Stop the kernel from starting new TCP connections on this listener

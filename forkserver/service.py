@@ -162,7 +162,17 @@ def build_services(
     imported: dict[str, HandlerType] = {}
     for listener in listeners:
         candidates = by_key.get(listener.key)
-        spec = candidates.pop(0) if candidates else None
+        if candidates:
+            spec = candidates.pop(0)
+            listener.spec = dict(vars(spec))  # for a reload that keeps this socket
+        elif listener.spec is not None:
+            # Not in the config: a reload that could not bind its new
+            # addresses keeps serving on the old ones, as they were.
+            from types import SimpleNamespace
+
+            spec = SimpleNamespace(**listener.spec)
+        else:
+            spec = None
         if spec is None or _plain(spec):
             if default is None and not listener.datagram:
                 raise ConfigError(f"{source}: server.handler is required for {listener.name}")

@@ -276,13 +276,6 @@ MOVED = {
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="a reload that cannot bind a moved listener keeps the old listeners (cli._start "
-    "falls back to `inherited`), but build_services matches listeners to the new config's "
-    "[[listen]] tables by key, and the old one matches none: it loses its handler (exit 2 "
-    "without server.handler) or its proxy_protocol",
-)
 @pytest.mark.parametrize("case", list(MOVED))
 def test_reload_that_cannot_bind_a_moved_listener_keeps_serving_as_before(
     start_server: StartServer, tmp_path: Path, case: str
