@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ChildLimits",
+    "answer",
     "detach_from_parent",
     "leave",
     "serve",
@@ -330,6 +331,37 @@ def serve_connection(
         leave(status)
 
 
+def answer(
+    fd: int,
+    data: bytes,
+    family: int,
+    peer: Any,
+    run: Callable[[Any, Any], None],
+    on_error: Callable[[socket.socket, Any], None],
+    limits: ChildLimits | None = None,
+) -> int:
+    """Run the handler on one datagram: its request is ``(data, sock)``, and
+    it replies with sendto(); returns the exit status.  *fd* is the child's
+    own copy of the UDP socket, closed here."""
+    sock = socket.socket(family, socket.SOCK_DGRAM, 0, fd)
+    if limits is not None and limits.idle_timeout:
+        sock.settimeout(limits.idle_timeout)
+    started = time.monotonic() if limits is not None and limits.access_log else 0.0
+    status = 1
+    try:
+        run((data, sock), peer)
+        status = 0
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        on_error(sock, peer)
+    finally:
+        sock.close()
+    if started:
+        _access_line(family, peer, time.monotonic() - started, (len(data), None), status)
+    return status
+
+
 def serve_datagram(
     fd: int,
     data: bytes,
@@ -341,31 +373,15 @@ def serve_datagram(
     on_error: Callable[[socket.socket, Any], None],
     limits: ChildLimits | None = None,
 ) -> NoReturn:
-    """Become the child for one datagram (socketserver's ForkingUDPServer):
-    the handler gets ``(data, sock)`` and replies with sendto(); never returns.
-
-    *fd* is the child's own duplicate of the UDP socket, taken before the
-    parent's fds (the socket among them) are closed."""
+    """Become the child for one datagram (socketserver's ForkingUDPServer);
+    never returns.  *fd* is the child's own duplicate of the UDP socket, taken
+    before the parent's fds (the socket among them) are closed."""
     status = 1
     try:
         detach_from_parent(parent_fds, signals)
         if limits is not None:
             limits.apply_to_process()
-        sock = socket.socket(family, socket.SOCK_DGRAM, 0, fd)
-        if limits is not None and limits.idle_timeout:
-            sock.settimeout(limits.idle_timeout)
-        started = time.monotonic() if limits is not None and limits.access_log else 0.0
-        try:
-            run((data, sock), peer)
-            status = 0
-        except SystemExit as exc:
-            status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        except BaseException:
-            on_error(sock, peer)
-        finally:
-            sock.close()
-        if started:
-            _access_line(family, peer, time.monotonic() - started, (len(data), None), status)
+        status = answer(fd, data, family, peer, run, on_error, limits)
     except Exception:
         setup_failed(family, peer)
     finally:

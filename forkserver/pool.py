@@ -27,7 +27,7 @@ import socket
 import struct
 import sys
 
-from .child import ChildLimits, detach_from_parent, leave, serve, setup_failed
+from .child import ChildLimits, answer, detach_from_parent, leave, serve, setup_failed
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ PEER = struct.Struct("=HHH16s")
 BUSY_RECORD = struct.Struct("=i" + PEER.format[1:])
 _FD_SPACE = socket.CMSG_SPACE(4)
 _MESSAGE = PEER.size + 108  # and a Unix peer's path (sun_path: 108 bytes)
+_DATAGRAM = 65535  # or a datagram, for a UDP listener's service
 
 
 def encode_peer(family: int, peer: Any, service: int = 0) -> bytes:
@@ -74,16 +75,20 @@ def decode_busy(data: bytes) -> list[tuple[int, int, Any]]:
     ]
 
 
-def receive_connection(handoff_fd: int, busy_fd: int) -> tuple[int, int, Any, int] | None:
+def receive_connection(
+    handoff_fd: int, busy_fd: int, size: int = _MESSAGE
+) -> tuple[int, int, Any, int, bytes] | None:
     """In a spare: wait for the parent to hand over a connection; None when retired.
 
-    Returns (fd, family, peer, service); the handoff socket and busy pipe are closed.
+    Returns (fd, family, peer, service, datagram): the connection's fd, or a
+    UDP socket's with the *datagram* to answer (b"" for a connection); the
+    handoff socket and busy pipe are closed.  *size*: the longest message.
     """
     handoff = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, handoff_fd)
     try:
         # MSG_CMSG_CLOEXEC: as accept4() does for a child forked on accept, so
         # a handler's own subprocesses do not inherit the client's socket.
-        data, ancillary, _, _ = handoff.recvmsg(_MESSAGE, _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
+        data, ancillary, _, _ = handoff.recvmsg(size, _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
     finally:
         handoff.close()
     if not data:
@@ -100,7 +105,10 @@ def receive_connection(handoff_fd: int, busy_fd: int) -> tuple[int, int, Any, in
     except OSError:
         pass  # the parent is gone; serve the connection all the same
     os.close(busy_fd)
-    return fd, family, _decode_peer(family, port, raw, data[PEER.size :]), service
+    tail = data[PEER.size :]  # a Unix peer's path, or a datagram
+    if family == socket.AF_UNIX:
+        return fd, family, _decode_peer(family, port, raw, tail), service, b""
+    return fd, family, _decode_peer(family, port, raw), service, tail
 
 
 def run_spare(
@@ -123,14 +131,19 @@ def run_spare(
         detach_from_parent(parent_fds, signals)
         if limits is not None:
             limits.apply_to_process()  # as the user, before any connection arrives
-        got = receive_connection(handoff_fd, busy_fd)
+        size = PEER.size + (_DATAGRAM if any(s.datagram for s in services) else 108)
+        got = receive_connection(handoff_fd, busy_fd, size)
         if got is None:
             status = 0
-        elif got[3]:
-            service = services[got[3] - 1]
-            status = serve(got[0], got[1], got[2], service.run, on_error, limits, service)
         else:
-            status = serve(got[0], got[1], got[2], run, on_error, limits)
+            fd, family, peer, index, datagram = got
+            service = services[index - 1] if index else None
+            if service is None:
+                status = serve(fd, family, peer, run, on_error, limits)
+            elif service.datagram:
+                status = answer(fd, datagram, family, peer, service.run, on_error, limits)
+            else:
+                status = serve(fd, family, peer, service.run, on_error, limits, service)
     except Exception:
         setup_failed(0, None)
     finally:

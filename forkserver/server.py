@@ -66,6 +66,7 @@ _SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 # Out of descriptors or kernel memory: pause accepting briefly, then retry.
 _BACKOFF_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 BACKOFF_SECONDS = 0.1
+TOP_UP_DELAY = 0.05  # seconds after a handoff: fork the rest of the spares
 _DATAGRAM_MAX = 65535  # the largest UDP payload
 MAX_SCRAPES = 4  # metrics scrape children at once; more are closed unanswered
 _BUSY_PIPE = "busy-pipe"  # selector data for the pool's busy pipe
@@ -160,6 +161,9 @@ class Server:
         self._term_at: float | None = None
         self._kill_at: float | None = None
         self._queued: deque[tuple[int, int, Any, Service | None]] = deque()
+        # Datagrams drained at a stop while at max_children: a UDP socket dup, the
+        # datagram, its sender, the listener's service.
+        self._queued_datagrams: deque[tuple[int, bytes, int, Any, Service]] = deque()
         self._poll_interval: float | None = None
         self._pidfd_mode = False
         self._accept_log = log.Throttle(LOG_INTERVAL)
@@ -169,6 +173,7 @@ class Server:
         self._idle: set[int] = set()  # spares not yet known to hold a connection
         self._in_transit = 0  # connections handed off, not yet reported busy
         self._refill_at: float | None = None  # a spare's fork failed: retry then
+        self._top_up_at: float | None = None  # fork the spares not replaced at handoff
         self._handoff: Socket | None = None  # the parent's end
         self._handoff_child = self._busy_r = self._busy_w = -1
         self._notes_r = -1  # exit notes: the pids of children about to exit (children.py)
@@ -380,7 +385,7 @@ class Server:
                 self._stop_leftover_children()
             self._stopping = self._shutdown_request = False
             self._term_at = self._kill_at = self._resume_at = self._refill_at = None
-            self._walk_at = None
+            self._walk_at = self._top_up_at = None
             self._reexec_pending = False
             self._listening = False
             self._retire_spares()
@@ -415,6 +420,7 @@ class Server:
                 or self._kill_at is not None
                 or self._refill_at is not None
                 or self._walk_at is not None
+                or self._top_up_at is not None
                 or self._lifetimes
                 or self._headers
             ):
@@ -424,7 +430,13 @@ class Server:
                 if not self._stopping and self._upgrade is None:
                     logger.info("reloading: re-executing (pid %d)", os.getpid())
                     self._reexec()
-            if self._stopping and not self.children and not self._queued and not self._headers:
+            if (
+                self._stopping
+                and not self.children
+                and not self._queued
+                and not self._queued_datagrams
+                and not self._headers
+            ):
                 logger.info("stopped: all children have exited")
                 return
             for key, _ in selector.select(self._timeout()):
@@ -461,6 +473,7 @@ class Server:
             self._kill_at,
             self._refill_at,
             self._walk_at,
+            self._top_up_at,
             lifetime,
             header,
         )
@@ -472,6 +485,8 @@ class Server:
 
     def _run_timers(self) -> None:
         now = time.monotonic()
+        if self._top_up_at is not None and now >= self._top_up_at:
+            self._fill_pool()  # clears _top_up_at
         if self._walk_at is not None and now >= self._walk_at:
             self._walk_at = None
             self._after_reap(self.children.reap())
@@ -613,19 +628,46 @@ class Server:
             if reason is not None:
                 self._refuse_datagram(family, peer, reason)
                 return True
-        if len(self.children) >= self.settings.max_children:
-            self._refuse_datagram(family, peer, "full")  # when_full = refuse, or stopping
-            return True
         service = listener.service
+        if not self._answer(listener.fileno(), data, family, peer, service):
+            if self._stopping and len(self._queued_datagrams) < self.settings.backlog:
+                # The stop's drain: answered as children exit, as connections are.
+                entry = (os.dup(listener.fileno()), data, family, peer, service)
+                self._queued_datagrams.append(entry)
+            else:
+                self._refuse_datagram(family, peer, "full")  # when_full = "refuse"
+        if not self._can_accept():
+            self._pause_listening()
+        return True
+
+    def _answer(
+        self, fd: int, data: bytes, family: int, peer: Any, service: Service, owned: bool = False
+    ) -> bool:
+        """Give a datagram to an idle spare, or fork a child for it, with UDP
+        socket *fd* (closed here if *owned*); False at max_children."""
+        if len(self._idle) > self._in_transit and self._hand_off(fd, family, peer, service, data):
+            if self._admission.enabled:
+                self._admission.opened(self._admission.source(family, peer))
+        elif len(self.children) >= self.settings.max_children:
+            return False
+        else:
+            self._spawn_datagram(fd, data, family, peer, service)
+        if owned:
+            os.close(fd)
+        return True
+
+    def _spawn_datagram(
+        self, fd: int, data: bytes, family: int, peer: Any, service: Service
+    ) -> None:
         try:
             pid = self._fork()
         except OSError as exc:
             self._fork_failed(exc, f"dropping a datagram from {format_address(family, peer)}")
             self._refuse_datagram(family, peer, "fork_failed")
-            return True
+            return
         if pid == 0:
             serve_datagram(
-                os.dup(listener.fileno()),  # ours: the parent's copy is closed next
+                os.dup(fd),  # its own: the parent's fds, this one among them, are closed next
                 data,
                 family,
                 peer,
@@ -640,9 +682,6 @@ class Server:
         if self._per_child_work:
             self._serving_starts(child)
             self._admission.opened(child.source)
-        if not self._can_accept():
-            self._pause_listening()
-        return True
 
     def _refuse_datagram(self, family: int, peer: Any, reason: str) -> None:
         """Drop a datagram: counted and logged like a refused connection; no
@@ -715,18 +754,24 @@ class Server:
         self._spawn(fd, family, peer, service)
         return True
 
-    def _hand_off(self, fd: int, family: int, peer: Any, service: Service | None) -> bool:
+    def _hand_off(
+        self, fd: int, family: int, peer: Any, service: Service | None, datagram: bytes = b""
+    ) -> bool:
+        """Send connection *fd* to an idle spare (pool.py), or with *datagram*
+        the UDP socket *fd* and a datagram to answer; False if it cannot."""
         assert self._handoff is not None
         index = 0 if service is None else self._services.index(service) + 1
         try:
             self._handoff.sendmsg(
-                [encode_peer(family, peer, index)],
+                [encode_peer(family, peer, index), datagram],
                 [(SOL_SOCKET, SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))],
             )
         except OSError:  # the queue is full (spares are slow to start): fork instead
             return False
-        # The spare received its own copy: close() only drops ours.
-        os.close(fd)
+        # The spare received its own copy: close() only drops ours (and the
+        # UDP socket stays the parent's).
+        if not datagram:
+            os.close(fd)
         self._in_transit += 1
         self._fill_pool(low_water=True)
         return True
@@ -835,13 +880,18 @@ class Server:
         """Fork spares until spare_children wait idle (within max_children).
 
         With *low_water* (a spare just took a connection), only up to half of
-        them: the rest are forked when a child exits.  A fork (20 ms with a
-        1 GB parent) run while the connection that used the spare is being
-        served competes with it for the CPU; once a child has exited, the
-        parent has nothing better to do."""
+        them; the rest when a child exits, or TOP_UP_DELAY later.  A fork
+        (20 ms with a 1 GB parent) run while the connection that took the
+        spare is being served competes with it for the CPU; once the child has
+        exited (or the connection is long-lived), the parent has nothing
+        better to do."""
         spares, limit = self.settings.spare_children, self.settings.max_children
         if low_water:
             spares = max(1, spares // 2)
+            if self._top_up_at is None:
+                self._top_up_at = time.monotonic() + TOP_UP_DELAY
+        else:
+            self._top_up_at = None
         while (
             len(self._idle) - self._in_transit < spares
             and len(self.children) < limit
@@ -919,6 +969,8 @@ class Server:
     def _other_children_fds(self) -> Iterator[int]:
         for queued in self._queued:  # other clients' connections, waiting at stop
             yield queued[0]
+        for waiting in self._queued_datagrams:
+            yield waiting[0]
         if self._pidfd_mode:
             yield from self.children.pidfds()
 
@@ -1028,6 +1080,11 @@ class Server:
             fd, family, peer, service = self._queued.popleft()
             if not self._dispatch(fd, family, peer, service):
                 self._queued.appendleft((fd, family, peer, service))
+                break
+        while self._queued_datagrams:
+            fd, data, family, peer, datagram_service = self._queued_datagrams.popleft()
+            if not self._answer(fd, data, family, peer, datagram_service, owned=True):
+                self._queued_datagrams.appendleft((fd, data, family, peer, datagram_service))
                 break
         if not self._stopping and (not self._listening or self._pool):
             # A slot is free, and an exiting child may have freed descriptors
@@ -1213,9 +1270,7 @@ class Server:
             # Their header is half read: what was read would be lost across
             # exec. Hold new connections in the backlog (they survive the
             # exec) until these are done, at most proxy_timeout.
-            logger.info(
-                "reloading once %d connections have their PROXY header", len(self._headers)
-            )
+            logger.info("reloading once %d connections have their PROXY header", len(self._headers))
             self._reexec_pending = True
             self._pause_listening()
             return
@@ -1396,6 +1451,11 @@ class Server:
             logger.warning("closing %d queued connections unserved: %s", len(self._queued), why)
         while self._queued:
             os.close(self._queued.popleft()[0])
+        if self._queued_datagrams:
+            n = len(self._queued_datagrams)
+            logger.warning("dropping %d queued datagrams unanswered: %s", n, why)
+        while self._queued_datagrams:
+            os.close(self._queued_datagrams.popleft()[0])
 
     def _stop_leftover_children(self) -> None:
         """Outside the loop (an error, or server_close() without serve_forever):

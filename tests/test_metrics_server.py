@@ -60,6 +60,9 @@ def test_scrape_counts_connections_refusals_and_children(
     recv_until(held, b"\n")
     with connect(server.tcp_address) as refused:  # per_source_limit: one at a time
         assert recv_to_eof(refused) == b""
+    # After a handoff half the spares are replaced at once, the rest soon after.
+    idle = ("forkserver_children", (("state", "idle"),))
+    wait_until(lambda: _scrape(base)[idle] == spares, what="the spares replaced")
     m = _scrape(base)
     assert m[("forkserver_connections_accepted_total", ())] == 5
     assert m[("forkserver_connections_refused_total", (("reason", "per_source_limit"),))] == 1

@@ -664,12 +664,6 @@ def test_graceful_stop_under_load_refuses_or_serves_every_connection(
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason="_receive drops a datagram as 'full' when len(children) >= max_children, and "
-    "idle spares count as children: with when_full = wait, _can_accept() still says yes "
-    "(an idle spare could take a stream connection), so the datagram is read and dropped",
-)
 def test_udp_is_served_when_idle_spares_fill_max_children(start_server: StartServer) -> None:
     server = start_server(
         server_table(max_children=2, spare_children=2, when_full="wait")
@@ -850,12 +844,6 @@ def test_reload_does_not_lose_a_connection_whose_header_is_incomplete(
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason="at a graceful stop _drain_backlog reads the queued datagrams through _receive, "
-    "which drops them as 'full' at max_children (its comment: 'or stopping'), while "
-    "stream connections waiting in the backlog are drained into _queued and served",
-)
 def test_stop_serves_a_datagram_waiting_at_max_children(
     start_server: StartServer, tmp_path: Path
 ) -> None:
