@@ -280,6 +280,7 @@ def _access_line(
 # the parent before it forks, so every child has it.  Non-blocking: a full
 # pipe (a parent far behind) only costs the parent a walk of its children.
 exit_notes = -1
+_SIGPIPE = (int(_signal.SIGPIPE),)
 
 
 def set_exit_notes(fd: int) -> None:
@@ -300,6 +301,10 @@ def leave(status: int) -> NoReturn:
         except Exception:
             pass  # a closed or broken stream: nothing more can be said
     if exit_notes >= 0:
+        # A parent re-executed by a reload no longer reads this pipe: the write
+        # fails with EPIPE, and SIGPIPE (which a handler may have set back to
+        # the default) must not be what this child dies of.
+        _signal.pthread_sigmask(_signal.SIG_BLOCK, _SIGPIPE)
         try:  # 4 bytes: atomic, so the parent never reads half a pid
             os.write(exit_notes, os.getpid().to_bytes(4, sys.byteorder))
         except OSError:

@@ -132,7 +132,9 @@ class ChildTable:
         SIGCHLD or *limit* (max_children) is reached.  Returns the children
         gone and whether it walked: if not, the caller walks (reap()) within
         WALK_DELAY."""
-        self._noted.update(pids)
+        # Only ours: a Server in another thread shares the notes' fd (children
+        # inherit it) but reaps its own children by pidfd.
+        self._noted.update(pid for pid in pids if pid in self._children or pid in self._watched)
         gone: list[Child] = []
         for pid in [*self._noted, *self._watched]:
             try:

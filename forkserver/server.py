@@ -176,7 +176,7 @@ class Server:
         self._top_up_at: float | None = None  # fork the spares not replaced at handoff
         self._handoff: Socket | None = None  # the parent's end
         self._handoff_child = self._busy_r = self._busy_w = -1
-        self._notes_r = -1  # exit notes: the pids of children about to exit (children.py)
+        self._notes_r = self._notes_w = -1  # exit notes: pids of exiting children (children.py)
         self._walk_at: float | None = None  # then walk all children (children.py)
         # Admission (admission.py), refusals by reason, per-child limits.
         self._admission = Admission(settings)
@@ -323,8 +323,8 @@ class Server:
                 else:
                     self._poll_interval = 0.5
             if not self._pidfd_mode and self._poll_interval is None:
-                self._notes_r, notes_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-                set_exit_notes(notes_w)
+                self._notes_r, self._notes_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+                set_exit_notes(self._notes_w)
             if self._pool:
                 self._busy_r, self._busy_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
                 ours, theirs = socketpair(AF_UNIX, SOCK_SEQPACKET)
@@ -392,7 +392,9 @@ class Server:
             for fd in (self._busy_r, self._busy_w, self._handoff_child, self._notes_r):
                 if fd >= 0:
                     os.close(fd)
-            set_exit_notes(-1)
+            if self._notes_w >= 0:  # ours (a Server in another thread has none)
+                set_exit_notes(-1)
+                self._notes_w = -1
             self._handoff_child = self._busy_r = self._busy_w = self._notes_r = -1
             self._idle.clear()
             self._in_transit = 0
@@ -755,7 +757,12 @@ class Server:
         return True
 
     def _hand_off(
-        self, fd: int, family: int, peer: Any, service: Service | None, datagram: bytes = b""
+        self,
+        fd: int,
+        family: int,
+        peer: Any,
+        service: Service | None,
+        datagram: bytes | None = None,
     ) -> bool:
         """Send connection *fd* to an idle spare (pool.py), or with *datagram*
         the UDP socket *fd* and a datagram to answer; False if it cannot."""
@@ -763,14 +770,14 @@ class Server:
         index = 0 if service is None else self._services.index(service) + 1
         try:
             self._handoff.sendmsg(
-                [encode_peer(family, peer, index), datagram],
+                [encode_peer(family, peer, index), datagram or b""],
                 [(SOL_SOCKET, SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))],
             )
         except OSError:  # the queue is full (spares are slow to start): fork instead
             return False
         # The spare received its own copy: close() only drops ours (and the
         # UDP socket stays the parent's).
-        if not datagram:
+        if datagram is None:
             os.close(fd)
         self._in_transit += 1
         self._fill_pool(low_water=True)

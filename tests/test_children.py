@@ -1,0 +1,183 @@
+"""forkserver/children.py and its neighbours: reaping by exit notes, the pool's
+refill, UDP handed to spares.
+
+An idle parent sleeps after a burst; a death without a note is reaped with a
+noted one; children adopted across a reload are reaped; a threaded Server's
+children keep their statuses; an empty datagram to a spare leaves the UDP
+listener alone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import (
+    READY,
+    ROOT,
+    StartServer,
+    child_pids,
+    config,
+    connect,
+    echo_roundtrip,
+    live_children,
+    recv_to_eof,
+    wait_until,
+    zombie_children,
+)
+from tests.test_transports import listen, server_table, udp_at, udp_client
+
+DATAGRAM_ECHO = "forkserver.examples.echo:DatagramEchoHandler"
+
+
+def _cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
+@pytest.mark.timeout(30)
+def test_idle_parent_uses_no_cpu_after_a_burst_with_spares(start_server: StartServer) -> None:
+    server = start_server(config(spare_children=4))
+    address = server.tcp_address
+    for i in range(300):
+        payload = b"%d" % i
+        assert echo_roundtrip(address, payload, timeout=10) == payload
+    time.sleep(3)  # idle: any refill or walk timer has long fired by now
+    before = _cpu_seconds(server.pid)
+    time.sleep(2)
+    after = _cpu_seconds(server.pid)
+    assert after - before < 0.02, f"an idle parent used {after - before:.3f}s of CPU in 2s"
+    assert not zombie_children(server)
+    assert len(live_children(server)) == 4  # the spares, refilled
+
+
+@pytest.mark.timeout(30)
+def test_a_killed_child_exiting_with_a_noted_one_is_reaped(start_server: StartServer) -> None:
+    server = start_server(config())
+    for _ in range(5):
+        normal, killed = connect(server.tcp_address), connect(server.tcp_address)
+        for sock in (normal, killed):  # each child is up and serving
+            sock.sendall(b"hi")
+            assert sock.recv(2) == b"hi"
+        wait_until(lambda: len(child_pids(server.pid)) == 2, 10, "two children")
+        victim, other = sorted(child_pids(server.pid))
+        # The echo child of *normal* leaves (writing its exit note) the moment
+        # it reads EOF; the other dies by SIGKILL, with no note, at once: one
+        # SIGCHLD is likely to stand for both.
+        normal.shutdown(socket.SHUT_WR)
+        os.kill(victim, signal.SIGKILL)
+        assert recv_to_eof(normal, 10) == b""  # its child left normally
+        normal.close()
+        killed.close()
+        wait_until(lambda: not child_pids(server.pid), 3, "both children reaped")
+        assert not zombie_children(server)
+        assert other not in child_pids(server.pid)
+
+
+@pytest.mark.timeout(30)
+def test_child_adopted_by_a_reload_is_reaped_when_its_connection_ends(
+    start_server: StartServer,
+) -> None:
+    server = start_server(config())
+    with connect(server.tcp_address) as sock:
+        sock.sendall(b"before")
+        assert sock.recv(6) == b"before"
+        [child] = child_pids(server.pid)
+        mark = len(server.lines)
+        server.signal(signal.SIGHUP)
+        server.wait_for_log(READY, 15, start=mark)  # the new image is serving
+        sock.sendall(b"after")
+        assert sock.recv(5) == b"after"
+        # Its exit note goes to the old image's pipe, which nobody reads:
+        # only a walk of all children can find it.
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_to_eof(sock, 10) == b""
+    wait_until(lambda: child not in child_pids(server.pid), 5, "the adopted child reaped")
+    assert not zombie_children(server)
+    assert echo_roundtrip(server.tcp_address, b"still serving") == b"still serving"
+
+
+@pytest.mark.timeout(30)
+def test_an_empty_datagram_to_a_spare_keeps_the_udp_listener(start_server: StartServer) -> None:
+    server = start_server(
+        server_table(spare_children=2) + listen(udp="127.0.0.1:0", handler=DATAGRAM_ECHO)
+    )
+    target = udp_at(server, 0)
+    with udp_client() as client:
+        client.settimeout(5)
+        client.sendto(b"", target)
+        assert client.recvfrom(100)[0] == b""  # a spare answered it
+        client.sendto(b"next", target)
+        assert client.recvfrom(100)[0] == b"next"
+
+
+_TWO_SERVERS = """
+    import socket, sys, threading, time
+    from forkserver import Server
+
+    def quits(conn, addr):
+        conn.recv(1)
+        sys.exit(3)
+
+    main = Server(("127.0.0.1", 0), quits)  # main thread: SIGCHLD and exit notes
+    other = Server(("127.0.0.1", 0), quits)  # a thread of its own: pidfds
+    N = 40
+
+    def ask(server):
+        with socket.create_connection(server.server_address[:2], timeout=10) as s:
+            s.sendall(b"x")
+            while s.recv(10):
+                pass
+
+    def drive():
+        try:
+            ask(main)  # main is serving: its exit-notes pipe exists
+            for _ in range(N):
+                ask(other)
+            deadline = time.monotonic() + 10
+            while len(other.children) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            print("RESULT", other.children.exited_error, main.children.exited_error, flush=True)
+        finally:
+            other.shutdown()
+            main.shutdown()
+
+    thread = threading.Thread(target=other.serve_forever)
+    thread.start()
+    threading.Thread(target=drive).start()
+    main.serve_forever()
+    thread.join()
+"""
+
+
+@pytest.mark.timeout(30)
+def test_a_threaded_server_keeps_its_childrens_exit_statuses(tmp_path: Path) -> None:
+    script = tmp_path / "two_servers.py"
+    script.write_text(textwrap.dedent(_TWO_SERVERS))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=25)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    [line] = [line for line in out.splitlines() if line.startswith("RESULT")]
+    other_errors, main_errors = map(int, line.split()[1:])
+    assert (other_errors, main_errors) == (40, 1)
