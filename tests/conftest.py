@@ -201,17 +201,18 @@ def config(handler: str = "forkserver.examples.echo:EchoHandler", **settings: An
     values.update(settings)
     lines = ["[server]"]
     for key, value in values.items():
-        lines.append(f"{key} = {_toml(value)}")
+        lines.append(f"{key} = {toml_value(value)}")
     return "\n".join(lines) + "\n"
 
 
-def _toml(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """*value* as a TOML literal."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
         return json.dumps(value)  # JSON string escapes are valid TOML basic strings
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return repr(value)
 
 
@@ -233,6 +234,32 @@ def echo_roundtrip(address: Any, payload: bytes, timeout: float = 20.0) -> bytes
             chunks.append(data)
         sender.join(timeout)
         return b"".join(chunks)
+
+
+def send_and_read(sock: socket.socket, payload: bytes) -> bytes:
+    """On an open connection: send *payload*, half-close, read the reply to EOF."""
+    sender = threading.Thread(target=_send_and_half_close, args=(sock, payload))
+    sender.start()
+    try:
+        return recv_to_eof(sock)
+    finally:
+        sender.join(10)
+
+
+def _has_ipv6_loopback() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+needs_ipv6 = pytest.mark.skipif(
+    not _has_ipv6_loopback(), reason="no IPv6 loopback: cannot bind ::1 on this machine"
+)
 
 
 def _send_and_half_close(sock: socket.socket, payload: bytes) -> None:

@@ -13,22 +13,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import StartServer, config, connect, echo_roundtrip, recv_to_eof, recv_until
-
-
-def _has_ipv6_loopback() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-needs_ipv6 = pytest.mark.skipif(
-    not _has_ipv6_loopback(), reason="no IPv6 loopback: cannot bind ::1 on this machine"
+from tests.conftest import (
+    StartServer,
+    config,
+    connect,
+    echo_roundtrip,
+    needs_ipv6,
+    recv_to_eof,
+    recv_until,
 )
 
 

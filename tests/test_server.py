@@ -28,6 +28,7 @@ from tests.conftest import (
     echo_roundtrip,
     recv_to_eof,
     recv_until,
+    send_and_read,
     wait_until,
     zombie_children,
 )
@@ -59,24 +60,6 @@ def _one_child(server: ServerProcess) -> int:
     wait_until(lambda: len(server.children()) == 1, 10, "one child")
     [child] = server.children()
     return child.pid
-
-
-def _echo_on(sock: socket.socket, payload: bytes) -> bytes:
-    """Send *payload* on an open connection, half-close, read the rest to EOF."""
-    sender = threading.Thread(target=_send_and_half_close, args=(sock, payload))
-    sender.start()
-    try:
-        return recv_to_eof(sock)
-    finally:
-        sender.join(10)
-
-
-def _send_and_half_close(sock: socket.socket, payload: bytes) -> None:
-    try:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass  # the reader then sees the short reply and the test fails there
 
 
 def _tcp_peers(pid: int) -> list[object]:
@@ -344,7 +327,7 @@ def test_connection_in_flight_at_sigterm_completes_and_new_ones_are_refused(
         # The parent is waiting for this client's child, not gone already.
         assert server.proc.poll() is None
         rest = os.urandom(256 * 1024 + 7)
-        assert _echo_on(sock, rest) == rest
+        assert send_and_read(sock, rest) == rest
     assert server.wait(10) == 0
     assert "stopped: all children have exited" in server.log
     assert not ABNORMAL_EXIT.search(server.log), server.log

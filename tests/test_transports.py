@@ -11,7 +11,6 @@ depend on forkserver's own parser.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import re
 import shutil
@@ -19,7 +18,6 @@ import socket
 import ssl
 import struct
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +31,11 @@ from tests.conftest import (
     StartServer,
     accept_queue_length,
     connect,
+    needs_ipv6,
     recv_to_eof,
     run_forkserver,
+    send_and_read,
+    toml_value,
     wait_until,
     zombie_children,
 )
@@ -52,24 +53,14 @@ ABNORMAL_EXIT = re.compile(r"child \d+ for .* (exit status|killed by)")
 # -- config text --------------------------------------------------------------------
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)  # JSON string escapes are valid TOML basic strings
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return repr(value)
-
-
 def listen(**settings: Any) -> str:
     """One ``[[listen]]`` table, as TOML text."""
-    return "[[listen]]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in settings.items())
+    return "[[listen]]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in settings.items())
 
 
 def server_table(**settings: Any) -> str:
     """A ``[server]`` table (without host/port: the listeners say where)."""
-    return "[server]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in settings.items())
+    return "[server]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in settings.items())
 
 
 # -- addresses and processes --------------------------------------------------------
@@ -121,41 +112,7 @@ def stop_cleanly(server: ServerProcess) -> None:
     assert not ABNORMAL_EXIT.search(server.log), server.log
 
 
-def _has_ipv6_loopback() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-needs_ipv6 = pytest.mark.skipif(
-    not _has_ipv6_loopback(), reason="no IPv6 loopback: cannot bind ::1 on this machine"
-)
-
-
 # -- stream clients -----------------------------------------------------------------
-
-
-def send_and_read(sock: socket.socket, payload: bytes) -> bytes:
-    """Send *payload*, half-close, read the reply to EOF."""
-    sender = threading.Thread(target=_send_and_half_close, args=(sock, payload))
-    sender.start()
-    try:
-        return recv_to_eof(sock)
-    finally:
-        sender.join(10)
-
-
-def _send_and_half_close(sock: socket.socket, payload: bytes) -> None:
-    try:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass  # the reader then sees the short reply and the test fails there
 
 
 def unserved(sock: socket.socket, payload: bytes = b"") -> bytes:

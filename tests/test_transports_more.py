@@ -35,6 +35,7 @@ from tests.conftest import (
     group_members,
     idle_children,
     recv_to_eof,
+    send_and_read,
     wait_until,
 )
 from tests.test_transports import (
@@ -52,7 +53,6 @@ from tests.test_transports import (
     expected,
     listen,
     read_until_closed,
-    send_and_read,
     server_table,
     stop_cleanly,
     tcp_at,
