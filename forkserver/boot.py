@@ -51,12 +51,17 @@ def handover_env(
     listeners: Sequence[Listener],
     children: list[tuple[int, int, Any, float]] | None = None,
     ready_fd: int = -1,
+    notes: tuple[int, int] | None = None,
 ) -> str:
-    """The INHERIT_ENV value; marks the listeners' fds to survive exec."""
+    """The INHERIT_ENV value; marks the listeners' fds (and a reload's exit-notes
+    pipe, *notes*, which the children handed over still write to) to survive exec."""
+    for fd in notes or ():
+        os.set_inheritable(fd, True)
     state = {
         "listeners": [lis.inherit() for lis in listeners],
         "children": children or [],
         "ready_fd": ready_fd,
+        "notes": notes,
     }
     return _stash(marshal.dumps(state))
 
@@ -123,6 +128,7 @@ def exec_lean_parent(
         "metrics": metrics_listener.inherit() if metrics_listener else None,
         "children": (handover or {}).get("children", []),
         "ready_fd": (handover or {}).get("ready_fd", -1),
+        "notes": (handover or {}).get("notes"),
     }
     os.environ[BOOT_ENV] = _stash(marshal.dumps(state))
     # Resolve every symbol of libpython and libc once, in the parent, rather
@@ -210,7 +216,7 @@ def lean_main(blob: str) -> int:
         os.set_inheritable(state["ready_fd"], False)
     if state["metrics"]:
         server.metrics_listener = Listener.adopt(**state["metrics"])
-    server.adopt(state["argv"], state["children"], state["ready_fd"])
+    server.adopt(state["argv"], state["children"], state["ready_fd"], state["notes"])
     server.exiting_after_serve = True
     try:
         server.serve_forever()

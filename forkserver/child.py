@@ -226,14 +226,19 @@ def serve(
     return status
 
 
+def _tcp_info(conn: socket.socket) -> bytes:
+    """The connection's struct tcp_info; b"" for a Unix socket or on error."""
+    if conn.family not in (socket.AF_INET, socket.AF_INET6):
+        return b""
+    try:
+        return conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except OSError:
+        return b""
+
+
 def _silent_for(conn: socket.socket) -> float | None:
     """Seconds since the client last sent data (TCP_INFO), or None if unknown."""
-    if conn.family not in (socket.AF_INET, socket.AF_INET6):
-        return None
-    try:
-        info = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-    except OSError:
-        return None
+    info = _tcp_info(conn)
     return int.from_bytes(info[52:56], sys.byteorder) / 1000 if len(info) >= 56 else None
 
 
@@ -243,12 +248,7 @@ _FIN_RECEIVED = frozenset({6, 8, 9, 11})
 
 def _byte_counts(conn: socket.socket) -> tuple[int, int] | None:
     """(bytes received, bytes sent and acknowledged) from TCP_INFO, or None."""
-    if conn.family not in (socket.AF_INET, socket.AF_INET6):
-        return None
-    try:
-        info = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-    except OSError:
-        return None
+    info = _tcp_info(conn)
     if len(info) < 136:  # tcpi_bytes_acked (offset 120) and tcpi_bytes_received (128)
         return None
     received = int.from_bytes(info[128:136], sys.byteorder)
@@ -279,8 +279,9 @@ def _access_line(
 # The write end of the parent's exit-notes pipe (children.py), or -1; set by
 # the parent before it forks, so every child has it.  Non-blocking: a full
 # pipe (a parent far behind) only costs the parent a walk of its children.
+# A reload hands the pipe to the re-executed parent, so it always has a reader
+# while the parent lives.
 exit_notes = -1
-_SIGPIPE = (int(_signal.SIGPIPE),)
 
 
 def set_exit_notes(fd: int) -> None:
@@ -301,10 +302,6 @@ def leave(status: int) -> NoReturn:
         except Exception:
             pass  # a closed or broken stream: nothing more can be said
     if exit_notes >= 0:
-        # A parent re-executed by a reload no longer reads this pipe: the write
-        # fails with EPIPE, and SIGPIPE (which a handler may have set back to
-        # the default) must not be what this child dies of.
-        _signal.pthread_sigmask(_signal.SIG_BLOCK, _SIGPIPE)
         try:  # 4 bytes: atomic, so the parent never reads half a pid
             os.write(exit_notes, os.getpid().to_bytes(4, sys.byteorder))
         except OSError:

@@ -84,13 +84,9 @@ def _check_account(kind: str) -> Callable[[str], str | None]:
 
 
 def _check_address(value: str) -> str | None:
-    from .metrics import parse_address
+    from .listeners import address_problem
 
-    try:
-        parse_address(value)
-    except ValueError:
-        return f'"{value}" is not "HOST:PORT" (like "127.0.0.1:8000" or "[::1]:8000")'
-    return None
+    return address_problem(value, 8000)
 
 
 def _check_file(value: str) -> str | None:

@@ -21,7 +21,16 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["BindError", "Listener", "format_address", "open_listeners", "somaxconn"]
+__all__ = [
+    "BindError",
+    "Listener",
+    "address_problem",
+    "format_address",
+    "listen_key",
+    "open_listeners",
+    "parse_address",
+    "somaxconn",
+]
 
 logger = log.get_logger(__name__)
 
@@ -48,15 +57,38 @@ def format_address(family: int, address: object) -> str:
     return str(address)
 
 
+def parse_address(text: str) -> tuple[str, int]:
+    """``("HOST", PORT)`` from "HOST:PORT" or "[V6]:PORT"; raises ValueError.
+
+    An empty HOST (":9100") means every IPv4 address, as for ``host``.
+    """
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f'"{text}": an IPv6 address needs brackets, like "[::1]:9100"')
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise ValueError(f'"{text}" is not "HOST:PORT" with a port 0-65535')
+    return host, int(port)
+
+
+def address_problem(value: str, example_port: int) -> str | None:
+    """What is wrong with a "HOST:PORT" setting, for its config error, or None."""
+    try:
+        parse_address(value)
+    except ValueError:
+        like = f'"127.0.0.1:{example_port}" or "[::1]:{example_port}"'
+        return f'"{value}" is not "HOST:PORT" (like {like})'
+    return None
+
+
 def listen_key(spec: Any) -> tuple[str, ...]:
     """What identifies a configured listener (config.Listen) across a reload:
     ("tcp", host, port), ("udp", host, port) or ("unix", path)."""
     if spec.unix:
         return ("unix", spec.unix)
-    host, _, port = (spec.tcp or spec.udp).rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return ("tcp" if spec.tcp else "udp", host, str(int(port)))
+    host, port = parse_address(spec.tcp or spec.udp)
+    return ("tcp" if spec.tcp else "udp", host, str(port))
 
 
 class Listener:
@@ -276,8 +308,6 @@ def open_metrics_listener(
     for listener in reuse:
         if listener.key == key:
             return listener
-    from .metrics import parse_address
-
     host, port = parse_address(address)
     listener = _bind_inet(host, port, backlog, dual_stack=True)
     listener.key = key

@@ -21,6 +21,8 @@ import os
 import socket
 import time
 
+from .listeners import address_problem, parse_address
+
 # typing stays out of the serving parent: only the type checker reads these.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -118,31 +120,10 @@ MAX_LINGER = 1 << 20
 # -- the address setting ------------------------------------------------------
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """``("HOST", PORT)`` from "HOST:PORT" or "[V6]:PORT"; raises ValueError.
-
-    An empty HOST (":9100") means every IPv4 address, as for ``host``.
-    """
-    host, sep, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f'"{text}": an IPv6 address needs brackets, like "[::1]:9100"')
-    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
-        raise ValueError(f'"{text}" is not "HOST:PORT" with a port 0-65535')
-    return host, int(port)
-
-
 def check_address(value: str) -> str | None:
     """For the ``metrics`` setting's *check*: what is wrong with *value*, or None.
     Empty means no metrics listener."""
-    if not value:
-        return None
-    try:
-        parse_address(value)
-    except ValueError:
-        return f'"{value}" is not "HOST:PORT" (like "127.0.0.1:9100" or "[::1]:9100")'
-    return None
+    return address_problem(value, 9100) if value else None
 
 
 # -- what the scrape child reads ------------------------------------------------

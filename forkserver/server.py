@@ -22,7 +22,7 @@ import struct
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from socket import (
     AF_UNIX,
     MSG_DONTWAIT,
@@ -206,13 +206,22 @@ class Server:
         self._headers_limit = max(settings.max_children, settings.backlog)
 
     def adopt(
-        self, argv: list[str], children: list[tuple[int, int, Any, float]], ready_fd: int
+        self,
+        argv: list[str],
+        children: list[tuple[int, int, Any, float]],
+        ready_fd: int,
+        notes: Sequence[int] | None = None,
     ) -> None:
         """Started by the command line (boot.py): remember its arguments for
-        reload and upgrade, adopt the children a reload handed over, and the
-        fd on which to say "ready" to the parent an upgrade came from."""
+        reload and upgrade, adopt the children a reload handed over with the
+        exit-notes pipe they write to, and the fd on which to say "ready" to
+        the parent an upgrade came from."""
         self._argv = argv
         self._ready_fd = ready_fd
+        if notes:
+            for fd in notes:
+                os.set_inheritable(fd, False)
+            self._notes_r, self._notes_w = notes
         now = time.monotonic()
         for pid, family, peer, age in children:
             child = Child(pid, family, peer, now - age)
@@ -322,7 +331,11 @@ class Server:
                     self._pidfd_mode = True
                 else:
                     self._poll_interval = 0.5
-            if not self._pidfd_mode and self._poll_interval is None:
+            if self._pidfd_mode or self._poll_interval is not None:
+                pass  # no SIGCHLD here: no exit notes either
+            elif self._notes_w >= 0:  # a reload's: its children write to it
+                set_exit_notes(self._notes_w)
+            else:
                 self._notes_r, self._notes_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
                 set_exit_notes(self._notes_w)
             if self._pool:
@@ -559,10 +572,9 @@ class Server:
             if exc.errno not in _SKIP_ERRNOS:
                 self._accept_failed(listener, exc)
             return
+        self.accepted += 1
         service = listener.service
-        if service is None:
-            self._take(fd, listener.family, peer)
-        elif service.trusted is not None:
+        if service is not None and service.trusted is not None:
             self._wait_for_header(fd, peer, listener)
         else:
             self._take(fd, listener.family, peer, service)
@@ -580,28 +592,21 @@ class Server:
     def _wait_for_header(self, fd: int, peer: Any, listener: Listener) -> None:
         """A PROXY protocol listener: admission waits for the header (headers.py)."""
         assert self._headers is not None
-        self.accepted += 1
         if len(self._headers) >= self._headers_limit:  # when_full = "refuse"
             self._refuse(fd, listener.family, peer, "proxy_backlog")
             return
         self._headers.start(fd, peer, listener)
 
     def _header_read(self, fd: int, family: int, peer: Any, listener: Listener) -> None:
-        self._admit(fd, family, peer, listener.service)
+        self._take(fd, family, peer, listener.service)
         if self._listening and not self._can_accept():
             self._pause_listening()
 
     def _take(self, fd: int, family: int, peer: Any, service: Service | None = None) -> None:
-        """An accepted connection: admit it (or refuse it), then give it a
-        child, or queue it until a child exits."""
-        self.accepted += 1
-        self._admit(fd, family, peer, service)
-
-    def _admit(self, fd: int, family: int, peer: Any, service: Service | None = None) -> None:
+        """An accepted connection (counted by the caller): admit it (or refuse
+        it), then give it a child, or queue it until a child exits."""
         if self._admission.enabled:
-            # Load is the children serving connections: idle spares are not.
-            busy = len(self.children) - len(self._idle) + self._in_transit
-            reason = self._admission.check(family, peer, busy)
+            reason = self._admission.check(family, peer, self._busy_children())
             if reason is not None:
                 self._refuse(fd, family, peer, reason)
                 return
@@ -612,6 +617,11 @@ class Server:
             # At max_children while stopping (or a full handoff queue): the
             # next child to exit makes room for it.
             self._queued.append((fd, family, peer, service))
+
+    def _busy_children(self) -> int:
+        """The load admission judges: children serving, not idle spares (but
+        those already handed a connection or datagram)."""
+        return len(self.children) - len(self._idle) + self._in_transit
 
     def _receive(self, listener: Listener) -> bool:
         """A UDP listener: read one datagram and fork its child (socketserver's
@@ -626,7 +636,7 @@ class Server:
         self.accepted += 1
         family = listener.family
         if self._admission.enabled:
-            reason = self._admission.check(family, peer, len(self.children) - len(self._idle))
+            reason = self._admission.check(family, peer, self._busy_children())
             if reason is not None:
                 self._refuse_datagram(family, peer, reason)
                 return True
@@ -679,11 +689,7 @@ class Server:
                 self.handle_error,
                 self._child_limits,
             )
-        child = Child(pid, family, peer, time.monotonic())
-        self._track(child)
-        if self._per_child_work:
-            self._serving_starts(child)
-            self._admission.opened(child.source)
+        self._track_serving(pid, family, peer)
 
     def _refuse_datagram(self, family: int, peer: Any, reason: str) -> None:
         """Drop a datagram: counted and logged like a refused connection; no
@@ -844,6 +850,11 @@ class Server:
         # close() only drops a reference: if the parent kept its copy, the
         # client would never see EOF when the child is done.
         os.close(fd)
+        self._track_serving(pid, family, peer)
+
+    def _track_serving(self, pid: int, family: int, peer: Any) -> None:
+        """A child forked for a connection or datagram: in the table, counted
+        against its source, its max_lifetime started."""
         child = Child(pid, family, peer, time.monotonic())
         self._track(child)
         if self._per_child_work:
@@ -1232,14 +1243,23 @@ class Server:
     def _command_env(self) -> dict[str, str]:
         return {k: v for k, v in os.environ.items() if k not in ("FORKSERVER_BOOT",)}
 
+    def _in_progress(self) -> str | None:
+        """What a reload or an upgrade would collide with, if anything."""
+        if self._upgrade:
+            return "an upgrade"
+        if self._stopping:
+            return "a stop"
+        if self._check or self._reexec_pending:
+            return "a reload"
+        return None
+
     def handle_hup(self) -> None:
         """Reload: check the new config in a separate process; if it is valid,
         re-execute (same pid) with the listeners and children handed over."""
         if self._argv is None:
             logger.warning("SIGHUP ignored: reload needs the command line (python -m forkserver)")
             return
-        if self._check or self._reexec_pending or self._stopping or self._upgrade:
-            busy = "an upgrade" if self._upgrade else "a stop" if self._stopping else "a reload"
+        if busy := self._in_progress():
             logger.info("SIGHUP ignored: %s is in progress", busy)
             return
         systemd.notify("RELOADING=1")
@@ -1291,7 +1311,8 @@ class Server:
         now = time.monotonic()
         children = [(c.pid, int(c.family), c.peer, now - c.started) for c in self.children]
         env = self._command_env()
-        env[INHERIT_ENV] = handover_env(self._all_listeners(), children)
+        notes = (self._notes_r, self._notes_w) if self._notes_w >= 0 else None
+        env[INHERIT_ENV] = handover_env(self._all_listeners(), children, notes=notes)
         for fd, family, peer, _ in self._queued:  # rare: at the limit, a full handoff queue
             os.close(fd)
             logger.warning(
@@ -1309,6 +1330,8 @@ class Server:
             os.execve(sys.executable, [sys.executable, "-m", "forkserver", *self._argv], env)
         except OSError as exc:
             _signal.pthread_sigmask(_signal.SIG_UNBLOCK, blocked)
+            for fd in notes or ():
+                os.set_inheritable(fd, False)
             logger.error("reload failed: cannot re-execute: %s; still serving", exc)
             systemd.notify("READY=1")
 
@@ -1318,8 +1341,7 @@ class Server:
         if self._argv is None:
             logger.warning("SIGUSR2 ignored: upgrade needs the command line (python -m forkserver)")
             return
-        if self._upgrade or self._stopping or self._check or self._reexec_pending:
-            busy = "an upgrade" if self._upgrade else "a stop" if self._stopping else "a reload"
+        if busy := self._in_progress():
             logger.info("SIGUSR2 ignored: %s is in progress", busy)
             return
         r, w = os.pipe2(os.O_CLOEXEC)
@@ -1436,6 +1458,7 @@ class Server:
                     fd, peer = listener.sock._accept()  # type: ignore[attr-defined]
                 except OSError:
                     break
+                self.accepted += 1
                 drained.append((fd, peer, listener))
             # Stop listening in every process at once: a child forked a moment
             # ago holds a copy of the listener until it gets to close it, and

@@ -8,7 +8,6 @@ SIG_IGN: int
 SIG_BLOCK: int
 SIG_UNBLOCK: int
 SIG_SETMASK: int
-SIGPIPE: int
 
 def signal(signalnum: int, handler: Any, /) -> Any: ...
 def set_wakeup_fd(fd: int, /, *, warn_on_full_buffer: bool = ...) -> int: ...
