@@ -267,10 +267,12 @@ class Settings:
     )
     spare_children: int = _setting(
         0,
-        "Pre-forked one-shot children kept waiting for a connection, which the parent "
-        "accepts and hands over, so that no connection waits for a fork: each still "
-        "serves exactly one connection, and the parent forks its replacement meanwhile. "
-        "0 forks on accept. Counts toward `max_children`.",
+        "Pre-forked one-shot children kept waiting for a connection, so that no "
+        "connection waits for a fork: each still serves exactly one connection, and the "
+        "parent forks its replacement meanwhile. Spares accept from TCP and Unix "
+        "listeners themselves; the parent accepts and hands the connection over where it "
+        "must look first (admission rules, PROXY protocol) and for UDP. 0 forks on "
+        "accept. Counts toward `max_children`.",
         cli="--spare-children",
         min=0,
         max=100_000,

@@ -3,29 +3,39 @@
 With ``spare_children = N`` the parent keeps N children forked before any
 connection exists, so no connection waits for a fork.  Each spare is still
 used once: it serves exactly one connection and exits, and the parent forks a
-fresh replacement.  The parent still does every accept() and decides, before
-anything is forked, whether a connection is admitted; it then hands the
-connection to a spare:
+fresh replacement.  A spare gets its connection one of two ways:
 
-1. the parent sends the connection's fd (``SCM_RIGHTS``) with the peer's
-   address over a ``SOCK_SEQPACKET`` socketpair, the *handoff socket*; every
-   idle spare waits in recvmsg() on the other end, and the kernel gives each
-   message to exactly one of them;
-2. the spare writes a fixed-size record (its pid and the peer) to the
-   parent's *busy pipe*, so the parent knows which child serves whom;
-3. the spare closes both and runs the handler like any child.
+* **It accepts it itself** (a *direct* listener: TCP or Unix, no PROXY
+  protocol, and no admission rule configured, since those need the parent to
+  look at a connection before anything serves it).  Idle spares wait in
+  epoll on the listener with ``EPOLLEXCLUSIVE``, so the kernel wakes one spare
+  per connection, not all of them, and the connection reaches the process
+  that serves it in one wakeup, with the parent off its path.  The parent
+  watches these listeners only while no spare is idle.
+* **The parent hands it over** (every other listener): the parent accepts,
+  admits, and sends the connection's fd (``SCM_RIGHTS``) with the peer's
+  address over a ``SOCK_SEQPACKET`` socketpair, the *handoff socket*; the
+  kernel gives each message to exactly one spare.
+
+Either way the spare then writes a fixed-size record (its pid, whether it
+accepted the connection itself, the peer) to the parent's *busy pipe*, so
+the parent knows which child serves whom, closes the listeners, the handoff
+socket and the pipe, and runs the handler like any child.
 
 The parent retires idle spares by closing its end of the handoff socket:
 spares first take any connection still queued in it, then read EOF and exit.
-The kernel closes it too if the parent dies.  Spares never hold a listener.
+The kernel closes it too if the parent dies.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import socket
 import struct
 import sys
+import time
 
 from .child import ChildLimits, answer, detach_from_parent, leave, serve, setup_failed
 
@@ -34,6 +44,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
     from typing import Any, NoReturn
 
+    from .listeners import Listener
     from .service import Service
 
 __all__ = ["BUSY_RECORD", "decode_busy", "encode_peer", "run_spare"]
@@ -41,8 +52,9 @@ __all__ = ["BUSY_RECORD", "decode_busy", "encode_peer", "run_spare"]
 # Address family, port, the listener's service (0: none, else its index + 1),
 # address (IPv4 in the first 4 bytes, or IPv6).
 PEER = struct.Struct("=HHH16s")
-# The spare's pid, then the peer: well under PIPE_BUF, so written atomically.
-BUSY_RECORD = struct.Struct("=i" + PEER.format[1:])
+# The spare's pid, 1 if it accepted the connection itself (else 0), then the
+# peer: well under PIPE_BUF, so written atomically.
+BUSY_RECORD = struct.Struct("=iB" + PEER.format[1:])
 _FD_SPACE = socket.CMSG_SPACE(4)
 _MESSAGE = PEER.size + 108  # and a Unix peer's path (sun_path: 108 bytes)
 _DATAGRAM = 65535  # or a datagram, for a UDP listener's service
@@ -67,16 +79,16 @@ def _decode_peer(family: int, port: int, raw: bytes, path: bytes = b"") -> Any:
     return os.fsdecode(path)
 
 
-def decode_busy(data: bytes) -> list[tuple[int, int, Any]]:
-    """(pid, family, peer) for each whole record in *data*."""
+def decode_busy(data: bytes) -> list[tuple[int, bool, int, Any]]:
+    """(pid, accepted itself, family, peer) for each whole record in *data*."""
     return [
-        (pid, family, _decode_peer(family, port, raw))
-        for pid, family, port, _, raw in BUSY_RECORD.iter_unpack(data)
+        (pid, bool(direct), family, _decode_peer(family, port, raw))
+        for pid, direct, family, port, _, raw in BUSY_RECORD.iter_unpack(data)
     ]
 
 
 def receive_connection(
-    handoff_fd: int, busy_fd: int, size: int = _MESSAGE
+    handoff_fd: int, busy_fd: int, size: int = _MESSAGE, flags: int = 0
 ) -> tuple[int, int, Any, int, bytes] | None:
     """In a spare: wait for the parent to hand over a connection; None when retired.
 
@@ -88,9 +100,14 @@ def receive_connection(
     try:
         # MSG_CMSG_CLOEXEC: as accept4() does for a child forked on accept, so
         # a handler's own subprocesses do not inherit the client's socket.
-        data, ancillary, _, _ = handoff.recvmsg(size, _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
+        flags |= socket.MSG_CMSG_CLOEXEC
+        data, ancillary, _, _ = handoff.recvmsg(size, _FD_SPACE, flags)
+    except BlockingIOError:
+        handoff.detach()  # another spare took the message: keep waiting on the fd
+        raise
     finally:
-        handoff.close()
+        if handoff.fileno() >= 0:
+            handoff.close()
     if not data:
         os.close(busy_fd)
         return None  # EOF: the parent retired the spares (or is gone)
@@ -100,15 +117,73 @@ def receive_connection(
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
     )
     family, port, service, raw = PEER.unpack_from(data)
-    try:
-        os.write(busy_fd, struct.pack("=i", os.getpid()) + data[: PEER.size])
-    except OSError:
-        pass  # the parent is gone; serve the connection all the same
-    os.close(busy_fd)
+    _report_busy(busy_fd, False, data[: PEER.size])
     tail = data[PEER.size :]  # a Unix peer's path, or a datagram
     if family == socket.AF_UNIX:
         return fd, family, _decode_peer(family, port, raw, tail), service, b""
     return fd, family, _decode_peer(family, port, raw), service, tail
+
+
+def _report_busy(busy_fd: int, direct: bool, peer: bytes) -> None:
+    """Tell the parent whom this spare serves, and let go of the busy pipe."""
+    try:
+        os.write(busy_fd, struct.pack("=iB", os.getpid(), direct) + peer)
+    except OSError:
+        pass  # the parent is gone; serve the connection all the same
+    os.close(busy_fd)
+
+
+def take_connection(
+    handoff_fd: int,
+    busy_fd: int,
+    direct: Sequence[tuple[Listener, int]],
+    size: int = _MESSAGE,
+) -> tuple[int, int, Any, int, bytes] | None:
+    """In a spare: accept a connection from a *direct* listener, or receive
+    one handed over; None when retired.  As :func:`receive_connection`;
+    *direct* holds (listener, its service's index + 1, or 0), all closed here.
+    """
+    if not direct:
+        return receive_connection(handoff_fd, busy_fd, size)
+    by_fd = {lis.fileno(): (lis, index) for lis, index in direct}
+    waiting = select.epoll(len(direct) + 1)  # close-on-exec, closed below
+    try:
+        # Not EPOLLEXCLUSIVE: EOF on the handoff socket (retired) must wake
+        # every idle spare.
+        waiting.register(handoff_fd, select.EPOLLIN)
+        for fd in by_fd:
+            waiting.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        while True:
+            for fd, _ in waiting.poll():
+                if fd == handoff_fd:  # a connection handed over, or EOF: retired
+                    try:
+                        return receive_connection(handoff_fd, busy_fd, size, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        continue  # another spare took the message first
+                listener, index = by_fd[fd]
+                try:
+                    conn, peer = listener.sock._accept()  # type: ignore[attr-defined]
+                except (BlockingIOError, InterruptedError):
+                    continue  # another spare (or the parent) took it
+                except OSError as exc:
+                    if exc.errno == errno.EINVAL:  # shut down: the parent is stopping
+                        waiting.unregister(fd)
+                    elif exc.errno not in _SKIPPED:
+                        time.sleep(_BACKOFF)  # out of descriptors or memory: as the parent
+                    continue
+                family = listener.family
+                _report_busy(busy_fd, True, encode_peer(family, peer, index)[: PEER.size])
+                os.close(handoff_fd)
+                return conn, family, peer, index, b""
+    finally:
+        waiting.close()
+        for fd in by_fd:
+            os.close(fd)  # the child closes the listeners: drops only its reference
+
+
+# accept() errors that concern one connection only: wait for the next.
+_SKIPPED = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+_BACKOFF = 0.1  # seconds: as the parent's pause on EMFILE and the like
 
 
 def run_spare(
@@ -120,11 +195,13 @@ def run_spare(
     on_error: Callable[[socket.socket, Any], None],
     limits: ChildLimits | None = None,
     services: Sequence[Service] = (),
+    direct: Sequence[tuple[Listener, int]] = (),
 ) -> NoReturn:
     """Become a spare: wait for one connection, serve it; never returns.
 
     A connection from a listener with a service (its own handler, TLS, the
-    PROXY protocol) names it by index into *services*, plus one.  A spare
+    PROXY protocol) names it by index into *services*, plus one.  *direct*:
+    the listeners the spare accepts from itself, with that index.  A spare
     retired before it got a connection exits 0."""
     status = 1
     try:
@@ -132,7 +209,7 @@ def run_spare(
         if limits is not None:
             limits.apply_to_process()  # as the user, before any connection arrives
         size = PEER.size + (_DATAGRAM if any(s.datagram for s in services) else 108)
-        got = receive_connection(handoff_fd, busy_fd, size)
+        got = take_connection(handoff_fd, busy_fd, direct, size)
         if got is None:
             status = 0
         else:

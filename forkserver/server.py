@@ -176,6 +176,10 @@ class Server:
         self._top_up_at: float | None = None  # fork the spares not replaced at handoff
         self._handoff: Socket | None = None  # the parent's end
         self._handoff_child = self._busy_r = self._busy_w = -1
+        # Listeners the spares accept from themselves (pool.py), each with its
+        # service's index; the parent watches them only while no spare is idle.
+        self._direct: list[tuple[Listener, int]] = []
+        self._watching_direct = False
         self._notes_r = self._notes_w = -1  # exit notes: pids of exiting children (children.py)
         self._walk_at: float | None = None  # then walk all children (children.py)
         # Admission (admission.py), refusals by reason, per-child limits.
@@ -347,6 +351,15 @@ class Server:
                 self._busy_poll = select.poll()
                 self._busy_poll.register(self._busy_r, select.POLLIN)
             self._start_services(selector)
+            if self._pool and not self._admission.enabled:
+                # Admission rules and PROXY headers need the parent to see a
+                # connection first; every other stream listener needs nothing
+                # from it.
+                self._direct = [
+                    (lis, self._service_index(lis.service))
+                    for lis in self.listeners
+                    if not lis.datagram and (lis.service is None or lis.service.trusted is None)
+                ]
             if self.settings.umask >= 0:
                 os.umask(self.settings.umask)
             self._signals_to_reset = (
@@ -411,6 +424,8 @@ class Server:
             self._handoff_child = self._busy_r = self._busy_w = self._notes_r = -1
             self._idle.clear()
             self._in_transit = 0
+            self._direct = []
+            self._watching_direct = False
             self._lifetimes.clear()
             if self._headers is not None:
                 self._headers.close()
@@ -618,6 +633,11 @@ class Server:
             # next child to exit makes room for it.
             self._queued.append((fd, family, peer, service))
 
+    def _spare_waits(self) -> bool:
+        """Whether a spare waits for a connection to be handed over (none
+        once retired, at a stop or a reload)."""
+        return len(self._idle) > self._in_transit and self._handoff is not None
+
     def _busy_children(self) -> int:
         """The load admission judges: children serving, not idle spares (but
         those already handed a connection or datagram)."""
@@ -657,7 +677,7 @@ class Server:
     ) -> bool:
         """Give a datagram to an idle spare, or fork a child for it, with UDP
         socket *fd* (closed here if *owned*); False at max_children."""
-        if len(self._idle) > self._in_transit and self._hand_off(fd, family, peer, service, data):
+        if self._spare_waits() and self._hand_off(fd, family, peer, service, data):
             if self._admission.enabled:
                 self._admission.opened(self._admission.source(family, peer))
         elif len(self.children) >= self.settings.max_children:
@@ -727,7 +747,7 @@ class Server:
         return (
             self._refuse_when_full
             or len(self.children) < self.settings.max_children
-            or len(self._idle) > self._in_transit
+            or self._spare_waits()
         ) and (
             # Enough connections wait for their PROXY header: the next ones
             # wait in the backlog (or are refused).
@@ -753,7 +773,7 @@ class Server:
     def _dispatch(self, fd: int, family: int, peer: Any, service: Service | None = None) -> bool:
         """Give accepted connection *fd* to an idle spare, or fork a child for
         it; False when neither is possible (max_children reached)."""
-        if len(self._idle) > self._in_transit and self._hand_off(fd, family, peer, service):
+        if self._spare_waits() and self._hand_off(fd, family, peer, service):
             if self._admission.enabled:
                 self._admission.opened(self._admission.source(family, peer))
             return True
@@ -773,7 +793,7 @@ class Server:
         """Send connection *fd* to an idle spare (pool.py), or with *datagram*
         the UDP socket *fd* and a datagram to answer; False if it cannot."""
         assert self._handoff is not None
-        index = 0 if service is None else self._services.index(service) + 1
+        index = self._service_index(service)
         try:
             self._handoff.sendmsg(
                 [encode_peer(family, peer, index), datagram or b""],
@@ -788,6 +808,10 @@ class Server:
         self._in_transit += 1
         self._fill_pool(low_water=True)
         return True
+
+    def _service_index(self, service: Service | None) -> int:
+        """How a spare names *service*: its index in _services, plus one; 0: none."""
+        return 0 if service is None else self._services.index(service) + 1
 
     def _accept_failed(self, listener: Listener, exc: OSError) -> None:
         # Out of descriptors (or some error we do not know): retrying at once
@@ -871,7 +895,7 @@ class Server:
             heapq.heappush(self._lifetimes, (deadline, child.pid, child.started, False))
 
     def _spawn_spare(self) -> bool:
-        """Fork a spare that waits for one connection from the parent (pool.py)."""
+        """Fork a spare that waits for one connection (pool.py)."""
         try:
             pid = self._fork()
         except OSError as exc:
@@ -889,6 +913,7 @@ class Server:
                 self.handle_error,
                 self._child_limits,
                 self._services,
+                self._direct,
             )
         self._track(Child(pid, 0, None, time.monotonic()))
         self._idle.add(pid)
@@ -918,7 +943,24 @@ class Server:
             and self._handoff is not None
         ):
             if not self._spawn_spare():
-                return
+                break
+        self._sync_direct()
+
+    def _sync_direct(self) -> None:
+        """Watch the direct listeners while no spare is idle (to fork on
+        accept, or refuse, as without a pool), and leave them to the spares
+        otherwise: the parent stays off the connection's path."""
+        if not self._direct or not self._listening or self._selector is None:
+            return
+        watch = not self._spare_waits() and self._can_accept()
+        if watch == self._watching_direct:
+            return
+        for listener, _ in self._direct:
+            if watch:
+                self._selector.register(listener.sock, selectors.EVENT_READ, listener)
+            else:
+                self._selector.unregister(listener.sock)
+        self._watching_direct = watch
 
     def _read_busy(self) -> None:
         """Spares that accepted a connection: note whom they serve, replace them."""
@@ -927,8 +969,11 @@ class Server:
         except BlockingIOError:
             return
         now = time.monotonic()
-        for pid, family, peer in decode_busy(data):
-            self._in_transit = max(0, self._in_transit - 1)
+        for pid, direct, family, peer in decode_busy(data):
+            if direct:  # it accepted the connection itself
+                self.accepted += 1
+            else:
+                self._in_transit = max(0, self._in_transit - 1)
             self._idle.discard(pid)
             child = self.children.get(pid)
             if child is not None:
@@ -941,8 +986,10 @@ class Server:
     # the next accept(), and closing it by its old name would cut a client off.
 
     def _spare_closes(self) -> Iterator[int]:
-        """The fds a new spare must not keep (it keeps the shared ones)."""
-        yield from self._private_fds()
+        """The fds a new spare must not keep (it keeps the shared ones, and
+        the listeners it accepts from)."""
+        keep = {listener.fileno() for listener, _ in self._direct}
+        yield from (fd for fd in self._private_fds() if fd not in keep)
         yield from self._other_children_fds()
 
     def _child_closes(self) -> Iterator[int]:
@@ -1013,9 +1060,11 @@ class Server:
 
     def _pause_listening(self) -> None:
         if self._listening and self._selector is not None:
+            direct = {listener for listener, _ in self._direct}
             for listener in self.listeners:
-                self._selector.unregister(listener.sock)
-            self._listening = False
+                if listener not in direct or self._watching_direct:
+                    self._selector.unregister(listener.sock)
+            self._listening = self._watching_direct = False
         if self._resume_at is not None:  # out of descriptors: the metrics listener too
             self._metrics_paused(True)
 
@@ -1037,9 +1086,12 @@ class Server:
             return
         if self._resume_at is not None or not self._can_accept():
             return
+        direct = {listener for listener, _ in self._direct}
         for listener in self.listeners:
-            self._selector.register(listener.sock, selectors.EVENT_READ, listener)
+            if listener not in direct:  # those: _sync_direct
+                self._selector.register(listener.sock, selectors.EVENT_READ, listener)
         self._listening = True
+        self._sync_direct()
 
     # -- children ending ---------------------------------------------------
 
@@ -1401,6 +1453,11 @@ class Server:
                     except ProcessLookupError:
                         pass
             self._pause_listening()
+            # Before the drain: a spare the parent still counts as idle may
+            # have accepted a connection itself, and a drained connection
+            # handed to it would wait for a spare that never comes.  Drained
+            # connections get a child forked for them instead.
+            self._retire_spares()
             if self.metrics_listener is not None and not self.metrics_listener.closed:
                 if self._selector is not None:
                     self._selector.unregister(self.metrics_listener.sock)
@@ -1414,7 +1471,6 @@ class Server:
                 self._close_listeners(drain=not immediate)
             if immediate and self._headers:
                 self._headers.close_all("stopping now")
-            self._retire_spares()
             if not immediate:
                 self._term_at = time.monotonic() + self.settings.graceful_timeout
                 logger.info(

@@ -231,3 +231,25 @@ class ReadTen(StreamHandler):
 def report_inheritable(conn: socket.socket, addr: Any) -> None:
     """Says whether the connection's fd would survive an exec (it must not)."""
     conn.sendall(f"inheritable={os.get_inheritable(conn.fileno())}\n".encode())
+
+
+def report_fds(conn: socket.socket, addr: Any) -> None:
+    """Replies one JSON line: its pid, client_address, and for each descriptor
+    it holds besides stdio and the connection, what it is (a listening socket
+    shows as "listening")."""
+    held = {}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2 or fd == conn.fileno():
+            continue
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # the listdir's own descriptor, closed already
+        if target.startswith("socket:"):
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    target = "listening"
+        held[fd] = target
+    reply = {"pid": os.getpid(), "addr": addr, "fds": held}
+    conn.sendall(json.dumps(reply).encode() + b"\n")
