@@ -1,13 +1,16 @@
 """forkserver's echo against socketserver and tcpserver: one run, same machine.
 
-    python -m bench.compare                          # defaults: about 3.5 minutes
+    python -m bench.compare                          # defaults: about 4.5 minutes
     python -m bench.compare --rounds 1 --concurrency 1,8 --duration 2
 
 Servers: forkserver (``python -m forkserver``, ``forkserver.examples.echo``),
 stdlib ``socketserver.ForkingTCPServer`` with the same echo loop
-(``bench/peers/socketserver_echo.py``), and ucspi-tcp ``tcpserver ... cat``
-when installed; all with the same ``--max-children`` and ``--backlog``, on
-127.0.0.1, under the interpreter running this script.
+(``bench/peers/socketserver_echo.py``), ucspi-tcp ``tcpserver ... cat``
+when installed, and the Python floor (``bench/peers/forkecho.py``: accept,
+fork, echo, exit, nothing else; no ``max_children``), which shows how close
+any Python fork-per-connection server could get; all with the same
+``--max-children`` and ``--backlog``, on 127.0.0.1, under the interpreter
+running this script.
 
 Each round starts every server in turn (the order reverses every other round,
 so warm caches or a drifting machine favour none), warms it up, then runs a
@@ -33,7 +36,7 @@ from .common import RESULTS_DIR, LoadError, int_list, median, metadata, run_load
 from .servers import RunningServer, ServerError, ServerSpec, peer_specs, serve
 
 BASELINE = "socketserver"
-SERVERS = ("forkserver", "forkserver-pool", "socketserver", "tcpserver")
+SERVERS = ("forkserver", "forkserver-pool", "socketserver", "tcpserver", "python-floor")
 
 
 def measure(
@@ -250,7 +253,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench.compare", description=__doc__.split("\n", 1)[0])
-    p.add_argument("--servers", default=",".join(SERVERS), help="comma-separated (all four)")
+    p.add_argument("--servers", default=",".join(SERVERS), help="comma-separated (all five)")
     p.add_argument("--concurrency", type=int_list, default=[1, 8, 32, 128], help="1,8,32,128")
     p.add_argument("--rounds", type=int, default=3, help="rounds, medians reported (3)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per measurement (5)")

@@ -391,6 +391,12 @@ def _targets(
                 ".2f",
                 False,
             )
+        floor = compare["ratios"].get("python-floor")
+        if floor:
+            # No target: what the least possible Python server reaches here.
+            at = " / ".join(f"{floor.get(c, {}).get('conn_per_s', 0):.2f}" for c in ("8", "32"))
+            what = "python-floor (accept, fork, echo, exit): conn/s x socketserver, 8 / 32 clients"
+            rows.append([what, at, "the ceiling for Python"])
     if fork:
         big = [r for r in fork["sizes"] if "failed" not in r and r["ballast_mb"] >= 1000]
         check(

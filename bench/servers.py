@@ -10,6 +10,9 @@ log line or the port it prints), never a sleep.
   ``forkserver ready``.
 - ``socketserver``: ``bench/peers/socketserver_echo.py`` (stdlib
   ``ForkingTCPServer``, the same echo loop), which prints its port.
+- ``python-floor``: ``bench/peers/forkecho.py``, the least a Python
+  fork-per-connection server can do (accept, fork, echo, exit; reaping on
+  SIGCHLD, nothing else), which prints its port: the ceiling for forkserver.
 - ``tcpserver``: ucspi-tcp's ``tcpserver -1 -HRl0 -c M -b B 127.0.0.1 0 cat``
   (Debian package ucspi-tcp).  ``-1`` prints the bound port, so port 0 works
   without a pick-then-bind race; ``-H -R -l0`` turn off the DNS and ident
@@ -85,6 +88,13 @@ def socketserver_spec(max_children: int, backlog: int) -> ServerSpec:
     return ServerSpec("socketserver", argv, r"^(\d+)$", r"^\d+$")
 
 
+def python_floor_spec(backlog: int) -> ServerSpec:
+    """bench/peers/forkecho.py: no max_children, no limits, no stop: a floor, not a peer."""
+    script = str(ROOT / "bench" / "peers" / "forkecho.py")
+    argv = [sys.executable, script, "--host", HOST, "--port", "0", "--backlog", str(backlog)]
+    return ServerSpec("python-floor", argv, r"^(\d+)$", r"^\d+$")
+
+
 def tcpserver_spec(max_children: int, backlog: int) -> ServerSpec | None:
     """ucspi-tcp's tcpserver running ``cat``, or None when it is not installed."""
     path = shutil.which("tcpserver")
@@ -105,6 +115,8 @@ def peer_specs(names: list[str], max_children: int, backlog: int) -> list[Server
             specs.append(forkserver_spec(max_children, backlog, spare_children=spares))
         elif name == "socketserver":
             specs.append(socketserver_spec(max_children, backlog))
+        elif name == "python-floor":
+            specs.append(python_floor_spec(backlog))
         elif name == "tcpserver":
             spec = tcpserver_spec(max_children, backlog)
             if spec is None:
@@ -115,7 +127,8 @@ def peer_specs(names: list[str], max_children: int, backlog: int) -> list[Server
                 specs.append(spec)
         else:
             raise ValueError(
-                f"unknown server {name!r}: forkserver, forkserver-pool, socketserver or tcpserver"
+                f"unknown server {name!r}: forkserver, forkserver-pool, socketserver, "
+                "python-floor or tcpserver"
             )
     return specs
 

@@ -180,7 +180,7 @@ def test_compare(out_dir: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     data = json.loads((out_dir / "compare-latest.json").read_text())
-    expected = {"forkserver", "forkserver-pool", "socketserver"} | (
+    expected = {"forkserver", "forkserver-pool", "socketserver", "python-floor"} | (
         {"tcpserver"} if shutil.which("tcpserver") else set()
     )
     assert set(data["summary"]) == expected

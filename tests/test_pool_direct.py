@@ -16,6 +16,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,9 +47,10 @@ def frozen(server: ServerProcess) -> Iterator[None]:
         server.signal(signal.SIGCONT)
 
 
-def _report(address: tuple[str, int] | str) -> dict:
+def _report(address: tuple[str, int] | str) -> dict[str, Any]:
     with connect(address) as sock:
-        return json.loads(recv_until(sock, b"\n"))
+        reply: dict[str, Any] = json.loads(recv_until(sock, b"\n"))
+        return reply
 
 
 def _only_exit_notes(fds: dict[str, str]) -> bool:
@@ -121,7 +123,7 @@ def test_direct_accepts_are_counted_and_their_child_listed_with_its_client(
 
 
 @contextmanager
-def urllib_get(url: str) -> Iterator[dict]:
+def urllib_get(url: str) -> Iterator[dict[str, Any]]:
     import urllib.request
 
     with urllib.request.urlopen(url, timeout=10) as reply:
