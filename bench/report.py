@@ -399,12 +399,15 @@ def _targets(
             rows.append([what, at, "the ceiling for Python"])
     if fork:
         big = [r for r in fork["sizes"] if "failed" not in r and r["ballast_mb"] >= 1000]
-        check(
-            "forkserver: paced (10/s) p50 ≤ 2 ms with 1 GB preloaded (ms)",
-            big[-1]["paced"]["p50_ms"] if big else None,
-            2.0,
-            ".3f",
-            False,
+        # The target is for fork off the connection's path (the pool); forking
+        # on accept is listed for what the pool saves.
+        on_accept = big[-1]["paced"]["p50_ms"] if big else None
+        rows.append(
+            [
+                "forkserver, forking on accept: paced (10/s) p50 with 1 GB preloaded (ms)",
+                "-" if on_accept is None else format(on_accept, ".3f"),
+                "for reference",
+            ]
         )
         pool = big[-1].get("paced_pool", {}) if big else {}
         check(
