@@ -26,6 +26,7 @@ from tests.conftest import (
     config,
     connect,
     idle_children,
+    reaped,
     recv_to_eof,
     recv_until,
     wait_until,
@@ -78,6 +79,7 @@ def test_idle_spares_serve_while_the_parent_is_stopped(start_server: StartServer
         assert _only_exit_notes(reply["fds"]), reply
         assert reply["addr"][0] == "127.0.0.1"
     # Thawed, the parent reads the spares' busy records, reaps them, refills.
+    wait_until(lambda: all(reaped(pid) for pid in spares), what="the used spares reaped")
     assert not _spares(server, 3) & spares
     assert _only_exit_notes(_report(server.tcp_address)["fds"])
     assert server.stop() == 0
