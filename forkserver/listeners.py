@@ -133,6 +133,12 @@ class Listener:
         """Close the socket, leaving any Unix socket file in place."""
         self.sock.close()
 
+    def hand_over(self) -> None:
+        """Close our copy for good, the Unix socket file now another
+        process's to remove (an upgrade's new parent serves on it)."""
+        self.sock.close()
+        self._unix_inode = None
+
     def inherit(self) -> dict[str, object]:
         """Mark the fd to survive exec(); returns what adopt() needs on the other side."""
         os.set_inheritable(self.sock.fileno(), True)

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from .listeners import Listener
     from .service import Service
 
-__all__ = ["BUSY_RECORD", "decode_busy", "encode_peer", "run_spare"]
+__all__ = ["BUSY_RECORD", "decode_busy", "encode_peer", "message_size", "reclaim", "run_spare"]
 
 # Address family, port, the listener's service (0: none, else its index + 1),
 # address (IPv4 in the first 4 bytes, or IPv6).
@@ -111,17 +111,46 @@ def receive_connection(
     if not data:
         os.close(busy_fd)
         return None  # EOF: the parent retired the spares (or is gone)
+    _report_busy(busy_fd, False, data[: PEER.size])
+    return _unpack(data, ancillary)
+
+
+def _unpack(
+    data: bytes, ancillary: list[tuple[int, int, bytes]]
+) -> tuple[int, int, Any, int, bytes]:
+    """A handoff message: (fd, family, peer, service, datagram or b"")."""
     fd = next(
         int.from_bytes(cdata[:4], sys.byteorder)
         for level, kind, cdata in ancillary
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
     )
     family, port, service, raw = PEER.unpack_from(data)
-    _report_busy(busy_fd, False, data[: PEER.size])
     tail = data[PEER.size :]  # a Unix peer's path, or a datagram
     if family == socket.AF_UNIX:
         return fd, family, _decode_peer(family, port, raw, tail), service, b""
     return fd, family, _decode_peer(family, port, raw), service, tail
+
+
+def reclaim(handoff_child: int, size: int) -> list[tuple[int, int, Any, int, bytes]]:
+    """In the parent, retiring the spares: take back what is still queued in
+    the handoff socket (fd *handoff_child*, the spares' end), as (fd, family,
+    peer, service, datagram) each.  A spare counted idle may have accepted a
+    connection of its own meanwhile: what was handed to it would otherwise
+    wait for a spare that never comes."""
+    spares_end = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, handoff_child)
+    taken: list[tuple[int, int, Any, int, bytes]] = []
+    try:
+        while True:
+            flags = socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+            try:
+                data, ancillary, _, _ = spares_end.recvmsg(size, _FD_SPACE, flags)
+            except (BlockingIOError, InterruptedError):
+                return taken
+            if not data:
+                return taken
+            taken.append(_unpack(data, ancillary))
+    finally:
+        spares_end.detach()  # still the parent's, closed with the others
 
 
 def _report_busy(busy_fd: int, direct: bool, peer: bytes) -> None:
@@ -186,6 +215,11 @@ _SKIPPED = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 _BACKOFF = 0.1  # seconds: as the parent's pause on EMFILE and the like
 
 
+def message_size(services: Sequence[Service]) -> int:
+    """The longest handoff message for *services*: with a UDP listener, a datagram."""
+    return PEER.size + (_DATAGRAM if any(s.datagram for s in services) else 108)
+
+
 def run_spare(
     handoff_fd: int,
     busy_fd: int,
@@ -208,7 +242,7 @@ def run_spare(
         detach_from_parent(parent_fds, signals)
         if limits is not None:
             limits.apply_to_process()  # as the user, before any connection arrives
-        size = PEER.size + (_DATAGRAM if any(s.datagram for s in services) else 108)
+        size = message_size(services)
         got = take_connection(handoff_fd, busy_fd, direct, size)
         if got is None:
             status = 0

@@ -43,7 +43,7 @@ from .child import ChildLimits, serve_connection, serve_datagram, set_exit_notes
 from .children import WALK_DELAY, Child, ChildTable, describe_status
 from .handlers import import_handler, is_handler_class
 from .listeners import Listener, format_address, open_listeners
-from .pool import BUSY_RECORD, decode_busy, encode_peer, run_spare
+from .pool import BUSY_RECORD, decode_busy, encode_peer, message_size, reclaim, run_spare
 from .wakeup import HANDLED_SIGNALS, Wakeup
 
 # typing stays out of the serving parent: only the type checker reads these.
@@ -400,7 +400,9 @@ class Server:
                     pass  # it is gone already
                 os.close(self._ready_fd)
                 self._ready_fd = -1
-            # Children adopted across a reload may have exited meanwhile.
+            # Children adopted across a reload may have exited meanwhile, and
+            # a spare may have served a connection already.
+            self._catch_up_busy()
             self._after_reap(self.children.reap())
             self._loop(selector, wakeup)
         finally:
@@ -415,6 +417,7 @@ class Server:
             self._reexec_pending = False
             self._listening = False
             self._retire_spares()
+            self._drop_queued("the loop ended")  # only after an exception
             for fd in (self._busy_r, self._busy_w, self._handoff_child, self._notes_r):
                 if fd >= 0:
                     os.close(fd)
@@ -519,6 +522,7 @@ class Server:
             self._fill_pool()  # clears _top_up_at
         if self._walk_at is not None and now >= self._walk_at:
             self._walk_at = None
+            self._catch_up_busy()
             self._after_reap(self.children.reap())
         if self._refill_at is not None and now >= self._refill_at:
             self._refill_at = None
@@ -662,12 +666,15 @@ class Server:
                 return True
         service = listener.service
         if not self._answer(listener.fileno(), data, family, peer, service):
-            if self._stopping and len(self._queued_datagrams) < self.settings.backlog:
-                # The stop's drain: answered as children exit, as connections are.
+            waits = self._stopping or not self._refuse_when_full
+            if waits and len(self._queued_datagrams) < self.settings.backlog:
+                # The stop's drain, or read just as the last slot went (a spare
+                # counted idle took a connection of its own): answered as
+                # children exit, as connections are.
                 entry = (os.dup(listener.fileno()), data, family, peer, service)
                 self._queued_datagrams.append(entry)
             else:
-                self._refuse_datagram(family, peer, "full")  # when_full = "refuse"
+                self._refuse_datagram(family, peer, "full")
         if not self._can_accept():
             self._pause_listening()
         return True
@@ -793,6 +800,12 @@ class Server:
         """Send connection *fd* to an idle spare (pool.py), or with *datagram*
         the UDP socket *fd* and a datagram to answer; False if it cannot."""
         assert self._handoff is not None
+        if self._direct:
+            # Spares also accept by themselves: one counted idle may just
+            # have, and what is handed to it waits for the next spare.
+            self._catch_up_busy(refill=False)
+            if not self._spare_waits():
+                return False
         index = self._service_index(service)
         try:
             self._handoff.sendmsg(
@@ -962,8 +975,17 @@ class Server:
                 self._selector.unregister(listener.sock)
         self._watching_direct = watch
 
-    def _read_busy(self) -> None:
-        """Spares that accepted a connection: note whom they serve, replace them."""
+    def _catch_up_busy(self, refill: bool = True) -> None:
+        """Read the busy records already written, before reaping (a spare that
+        served and exited quickly is logged with its client, not as an idle
+        spare) and before a handoff (to a spare known to be idle)."""
+        if self._pool and self._busy_r >= 0 and self._busy_poll.poll(0):
+            self._read_busy(refill)
+
+    def _read_busy(self, refill: bool = True) -> None:
+        """Spares that accepted a connection: note whom they serve, replace
+        them (unless not *refill*: the caller holds a connection no list
+        has yet, which a spare forked now would keep open)."""
         try:
             data = os.read(self._busy_r, _BUSY_READ)
         except BlockingIOError:
@@ -979,7 +1001,8 @@ class Server:
             if child is not None:
                 child.family, child.peer, child.started = family, peer, now
                 self._serving_starts(child)  # counted against its source at handoff
-        self._fill_pool(low_water=True)
+        if refill:
+            self._fill_pool(low_water=True)
 
     # Which fds a new child closes is read from the live state, in the child,
     # never from a list kept since start: a closed fd's number is reused by
@@ -1104,6 +1127,7 @@ class Server:
         if pid < 0:  # a scrape child (negated pid: not a connection's child)
             self._reap_scrape(-pid)
             return
+        self._catch_up_busy()
         child = self.children.reap_pid(pid)
         if child is not None:
             assert self._selector is not None
@@ -1144,6 +1168,16 @@ class Server:
             # stays O(children), not O(connections per max_lifetime).
             self._lifetimes = [e for e in self._lifetimes if e[1] in self.children]
             heapq.heapify(self._lifetimes)
+        self._dispatch_queued()
+        if not self._stopping and (not self._listening or self._pool):
+            # A slot is free, and an exiting child may have freed descriptors
+            # (ENFILE) or processes (fork's EAGAIN): try again now.
+            self._resume_at = self._refill_at = None
+            self._resume_listening()
+
+    def _dispatch_queued(self) -> None:
+        """Give the connections and datagrams waiting for a slot their child,
+        as long as there is room."""
         while self._queued:
             # Off the queue before its child is forked: a new child closes
             # every queued fd, as other clients' connections.
@@ -1156,17 +1190,9 @@ class Server:
             if not self._answer(fd, data, family, peer, datagram_service, owned=True):
                 self._queued_datagrams.appendleft((fd, data, family, peer, datagram_service))
                 break
-        if not self._stopping and (not self._listening or self._pool):
-            # A slot is free, and an exiting child may have freed descriptors
-            # (ENFILE) or processes (fork's EAGAIN): try again now.
-            self._resume_at = self._refill_at = None
-            self._resume_listening()
 
     def handle_chld(self) -> None:
-        # A spare that served and exited quickly may have its busy record
-        # still unread: read it first, so the exit is logged with its peer.
-        if self._pool and self._busy_r >= 0 and self._busy_poll.poll(0):
-            self._read_busy()
+        self._catch_up_busy()
         if self._notes_r < 0:
             self._after_reap(self.children.reap())
             return
@@ -1360,6 +1386,7 @@ class Server:
         """Become a new parent in place: same pid, same listeners, same children."""
         assert self._argv is not None
         self._retire_spares()  # idle spares run the old code: they exit on EOF
+        self._dispatch_queued()  # what it took back: children adopted across exec
         now = time.monotonic()
         children = [(c.pid, int(c.family), c.peer, now - c.started) for c in self.children]
         env = self._command_env()
@@ -1371,6 +1398,14 @@ class Server:
                 "reload: closed a connection from %s queued at the limit",
                 format_address(family, peer),
             )
+        for fd, _, family, peer, _ in self._queued_datagrams:  # as rare
+            os.close(fd)
+            logger.warning(
+                "reload: dropped a datagram from %s queued at the limit",
+                format_address(family, peer),
+            )
+        self._queued.clear()  # closed: not to be served if the exec fails
+        self._queued_datagrams.clear()
         sys.stdout.flush()
         sys.stderr.flush()
         # Until the new image has its handlers, a signal's default action
@@ -1458,6 +1493,7 @@ class Server:
             # handed to it would wait for a spare that never comes.  Drained
             # connections get a child forked for them instead.
             self._retire_spares()
+            self._dispatch_queued()
             if self.metrics_listener is not None and not self.metrics_listener.closed:
                 if self._selector is not None:
                     self._selector.unregister(self.metrics_listener.sock)
@@ -1466,7 +1502,7 @@ class Server:
                 # The new parent accepts from the same queues: leave them (and
                 # the Unix socket files) to it, just let go of our copies.
                 for listener in self.listeners:
-                    listener.close()
+                    listener.hand_over()
             elif close_listeners:
                 self._close_listeners(drain=not immediate)
             if immediate and self._headers:
@@ -1485,11 +1521,23 @@ class Server:
             self.children.signal_all(signal.SIGKILL)
 
     def _retire_spares(self) -> None:
-        """Close our end of the handoff socket: idle spares take what is still
-        queued in it, then read EOF and exit (pool.py)."""
-        if self._handoff is not None:
-            self._handoff.close()
-            self._handoff = None
+        """Close our end of the handoff socket: idle spares read EOF and exit
+        (pool.py).  What is still queued in it is taken back and queued here,
+        to get a child forked for it (_dispatch_queued): it may have been
+        handed to a spare that took a connection of its own meanwhile."""
+        if self._handoff is None:
+            return
+        self._handoff.close()
+        self._handoff = None
+        for fd, family, peer, index, datagram in reclaim(
+            self._handoff_child, message_size(self._services)
+        ):
+            self._in_transit = max(0, self._in_transit - 1)
+            service = self._services[index - 1] if index else None
+            if service is not None and service.datagram:
+                self._queued_datagrams.append((fd, datagram, family, peer, service))
+            else:
+                self._queued.append((fd, family, peer, service))
 
     def _close_listeners(self, drain: bool = True) -> None:
         if drain:
