@@ -7,6 +7,8 @@ server's own "forkserver ready" log line, read from its stderr: no sleeps.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -193,6 +195,15 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
         for p in leftovers:
             p.kill()
         assert not leftovers, f"processes outlived the test: {leftovers}"
+
+
+def write_module(path: Path, source: str) -> None:
+    """Write a handler module, and drop its cached bytecode: a version written
+    in the same second as the last, with the same size, would otherwise be
+    imported from the stale .pyc (Python checks only mtime and size)."""
+    path.write_text(source)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(importlib.util.cache_from_source(str(path)))
 
 
 def config(handler: str = "forkserver.examples.echo:EchoHandler", **settings: Any) -> str:

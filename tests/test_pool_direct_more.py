@@ -39,6 +39,7 @@ from tests.conftest import (
     recv_to_eof,
     recv_until,
     wait_until,
+    write_module,
 )
 from tests.test_metrics_server import _metrics_url, _scrape
 from tests.test_pool_direct import frozen
@@ -134,7 +135,7 @@ def handler(conn, addr):
 
 
 def _write_versioned(directory: Path, version: str) -> None:
-    (directory / "versioned.py").write_text(VERSIONED.format(version=version))
+    write_module(directory / "versioned.py", VERSIONED.format(version=version))
 
 
 @dataclass

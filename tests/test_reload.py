@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import StartServer, config, connect, recv_until, wait_until
+from tests.conftest import StartServer, config, connect, recv_until, wait_until, write_module
 
 HANDLER = """
 def handler(conn, addr):
@@ -24,7 +24,7 @@ def handler(conn, addr):
 
 
 def _write_handler(directory: Path, version: str) -> None:
-    (directory / "versioned.py").write_text(HANDLER.format(version=version))
+    write_module(directory / "versioned.py", HANDLER.format(version=version))
 
 
 def _greeting(address: tuple[str, int]) -> bytes:
@@ -103,7 +103,7 @@ def test_invalid_config_on_reload_is_refused_and_the_old_one_serves(
     assert _greeting(server.tcp_address) == b"v1\n"
     # A handler that no longer imports is refused the same way.
     path.write_text(config("versioned:handler"))
-    (tmp_path / "versioned.py").write_text("raise RuntimeError('broken on purpose')\n")
+    write_module(tmp_path / "versioned.py", "raise RuntimeError('broken on purpose')\n")
     mark = len(server.lines)
     server.signal(signal.SIGHUP)
     line = server.wait_for_log("reload refused", 30, start=mark)
@@ -200,7 +200,7 @@ def test_failed_upgrade_leaves_the_old_parent_and_its_socket_file(
     _write_handler(tmp_path, "v1")
     path = tmp_path / "s.sock"
     server = start_server(config("versioned:handler", unix=str(path)))
-    (tmp_path / "versioned.py").write_text("raise RuntimeError('broken upgrade')\n")
+    write_module(tmp_path / "versioned.py", "raise RuntimeError('broken upgrade')\n")
     server.signal(signal.SIGUSR2)
     server.wait_for_log("upgrade failed", 30)
     assert path.exists(), "the failed new parent removed the old one's socket file"
