@@ -1493,7 +1493,8 @@ class Server:
             # handed to it would wait for a spare that never comes.  Drained
             # connections get a child forked for them instead.
             self._retire_spares()
-            self._dispatch_queued()
+            if not immediate:  # else dropped below, with the children killed
+                self._dispatch_queued()
             if self.metrics_listener is not None and not self.metrics_listener.closed:
                 if self._selector is not None:
                     self._selector.unregister(self.metrics_listener.sock)
