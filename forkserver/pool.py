@@ -183,7 +183,9 @@ def take_connection(
         for fd in by_fd:
             waiting.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
         while True:
-            for fd, _ in waiting.poll():
+            # A connection handed over first: it was accepted before anything
+            # still in the listener's queue, and waits for a spare, not the kernel.
+            for fd, _ in sorted(waiting.poll(), key=lambda event: event[0] != handoff_fd):
                 if fd == handoff_fd:  # a connection handed over, or EOF: retired
                     try:
                         return receive_connection(handoff_fd, busy_fd, size, socket.MSG_DONTWAIT)
