@@ -183,9 +183,12 @@ def take_connection(
         for fd in by_fd:
             waiting.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
         while True:
-            # A connection handed over first: it was accepted before anything
-            # still in the listener's queue, and waits for a spare, not the kernel.
-            for fd, _ in sorted(waiting.poll(), key=lambda event: event[0] != handoff_fd):
+            events = waiting.poll()
+            if len(events) > 1:
+                # A connection handed over first: it was accepted before what
+                # is still in the listener's queue, and only a spare takes it.
+                events.sort(key=lambda event: event[0] != handoff_fd)
+            for fd, _ in events:
                 if fd == handoff_fd:  # a connection handed over, or EOF: retired
                     try:
                         return receive_connection(handoff_fd, busy_fd, size, socket.MSG_DONTWAIT)
