@@ -91,6 +91,13 @@ def listen_key(spec: Any) -> tuple[str, ...]:
     return ("tcp" if spec.tcp else "udp", host, str(port))
 
 
+# accept() errors that concern one connection only: skip it, keep accepting.
+SKIPPED_ACCEPT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+# Out of descriptors or kernel memory (EMFILE and the like): pause accepting
+# this long rather than retry at once, which would spin.
+BACKOFF_SECONDS = 0.1
+
+
 class Listener:
     """One bound, listening, non-blocking socket."""
 

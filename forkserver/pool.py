@@ -38,10 +38,11 @@ import sys
 import time
 
 from .child import ChildLimits, answer, detach_from_parent, leave, serve, setup_failed
+from .listeners import BACKOFF_SECONDS, SKIPPED_ACCEPT_ERRNOS
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Sequence
+    from collections.abc import Callable, Iterable, Mapping, Sequence
     from typing import Any, NoReturn
 
     from .listeners import Listener
@@ -88,37 +89,36 @@ def decode_busy(data: bytes) -> list[tuple[int, bool, int, Any]]:
 
 
 def receive_connection(
-    handoff_fd: int, busy_fd: int, size: int = _MESSAGE, flags: int = 0
+    handoff: socket.socket, busy_fd: int, size: int = _MESSAGE, flags: int = 0
 ) -> tuple[int, int, Any, int, bytes] | None:
-    """In a spare: wait for the parent to hand over a connection; None when retired.
+    """In a spare: take the connection the parent handed over; None when
+    retired.  Raises BlockingIOError with MSG_DONTWAIT in *flags* when there
+    was none (another spare took it).
 
     Returns (fd, family, peer, service, datagram): the connection's fd, or a
     UDP socket's with the *datagram* to answer (b"" for a connection); the
-    handoff socket and busy pipe are closed.  *size*: the longest message.
+    busy pipe is closed, the *handoff* socket is the caller's.  *size*: the
+    longest message.
     """
-    handoff = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, handoff_fd)
-    try:
-        # MSG_CMSG_CLOEXEC: as accept4() does for a child forked on accept, so
-        # a handler's own subprocesses do not inherit the client's socket.
-        flags |= socket.MSG_CMSG_CLOEXEC
-        data, ancillary, _, _ = handoff.recvmsg(size, _FD_SPACE, flags)
-    except BlockingIOError:
-        handoff.detach()  # another spare took the message: keep waiting on the fd
-        raise
-    finally:
-        if handoff.fileno() >= 0:
-            handoff.close()
-    if not data:
+    message = _receive(handoff, size, flags)
+    if message is None:
         os.close(busy_fd)
         return None  # EOF: the parent retired the spares (or is gone)
+    data, got = message
     _report_busy(busy_fd, False, data[: PEER.size])
-    return _unpack(data, ancillary)
+    return got
 
 
-def _unpack(
-    data: bytes, ancillary: list[tuple[int, int, bytes]]
-) -> tuple[int, int, Any, int, bytes]:
-    """A handoff message: (fd, family, peer, service, datagram or b"")."""
+def _receive(
+    handoff: socket.socket, size: int, flags: int
+) -> tuple[bytes, tuple[int, int, Any, int, bytes]] | None:
+    """One handoff message, as (its bytes, (fd, family, peer, service,
+    datagram or b"")); None at EOF."""
+    # MSG_CMSG_CLOEXEC: as accept4() does for a child forked on accept, so a
+    # handler's own subprocesses do not inherit the client's socket.
+    data, ancillary, _, _ = handoff.recvmsg(size, _FD_SPACE, flags | socket.MSG_CMSG_CLOEXEC)
+    if not data:
+        return None
     fd = next(
         int.from_bytes(cdata[:4], sys.byteorder)
         for level, kind, cdata in ancillary
@@ -127,8 +127,8 @@ def _unpack(
     family, port, service, raw = PEER.unpack_from(data)
     tail = data[PEER.size :]  # a Unix peer's path, or a datagram
     if family == socket.AF_UNIX:
-        return fd, family, _decode_peer(family, port, raw, tail), service, b""
-    return fd, family, _decode_peer(family, port, raw), service, tail
+        return data, (fd, family, _decode_peer(family, port, raw, tail), service, b"")
+    return data, (fd, family, _decode_peer(family, port, raw), service, tail)
 
 
 def reclaim(handoff_child: int, size: int) -> list[tuple[int, int, Any, int, bytes]]:
@@ -140,17 +140,13 @@ def reclaim(handoff_child: int, size: int) -> list[tuple[int, int, Any, int, byt
     spares_end = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, handoff_child)
     taken: list[tuple[int, int, Any, int, bytes]] = []
     try:
-        while True:
-            flags = socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
-            try:
-                data, ancillary, _, _ = spares_end.recvmsg(size, _FD_SPACE, flags)
-            except (BlockingIOError, InterruptedError):
-                return taken
-            if not data:
-                return taken
-            taken.append(_unpack(data, ancillary))
+        while message := _receive(spares_end, size, socket.MSG_DONTWAIT):
+            taken.append(message[1])
+    except (BlockingIOError, InterruptedError):
+        pass  # all taken
     finally:
         spares_end.detach()  # still the parent's, closed with the others
+    return taken
 
 
 def _report_busy(busy_fd: int, direct: bool, peer: bytes) -> None:
@@ -165,18 +161,31 @@ def _report_busy(busy_fd: int, direct: bool, peer: bytes) -> None:
 def take_connection(
     handoff_fd: int,
     busy_fd: int,
-    direct: Sequence[tuple[Listener, int]],
+    direct: Mapping[Listener, int],
     size: int = _MESSAGE,
 ) -> tuple[int, int, Any, int, bytes] | None:
     """In a spare: accept a connection from a *direct* listener, or receive
     one handed over; None when retired.  As :func:`receive_connection`;
-    *direct* holds (listener, its service's index + 1, or 0), all closed here.
+    *direct* maps each listener to its service's index + 1 (or 0).  The
+    handoff socket and the listeners are closed here.
     """
-    if not direct:
-        return receive_connection(handoff_fd, busy_fd, size)
-    by_fd = {lis.fileno(): (lis, index) for lis, index in direct}
-    waiting = select.epoll(len(direct) + 1)  # close-on-exec, closed below
+    handoff = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, handoff_fd)
     try:
+        if not direct:
+            return receive_connection(handoff, busy_fd, size)
+        return _accept_or_receive(handoff, busy_fd, direct, size)
+    finally:
+        handoff.close()
+        for listener in direct:
+            os.close(listener.fileno())  # the child closes the listeners: only its reference
+
+
+def _accept_or_receive(
+    handoff: socket.socket, busy_fd: int, direct: Mapping[Listener, int], size: int
+) -> tuple[int, int, Any, int, bytes] | None:
+    by_fd = {listener.fileno(): listener for listener in direct}
+    handoff_fd = handoff.fileno()
+    with select.epoll(len(direct) + 1) as waiting:  # close-on-exec
         # Not EPOLLEXCLUSIVE: EOF on the handoff socket (retired) must wake
         # every idle spare.
         waiting.register(handoff_fd, select.EPOLLIN)
@@ -191,10 +200,10 @@ def take_connection(
             for fd, _ in events:
                 if fd == handoff_fd:  # a connection handed over, or EOF: retired
                     try:
-                        return receive_connection(handoff_fd, busy_fd, size, socket.MSG_DONTWAIT)
+                        return receive_connection(handoff, busy_fd, size, socket.MSG_DONTWAIT)
                     except BlockingIOError:
                         continue  # another spare took the message first
-                listener, index = by_fd[fd]
+                listener = by_fd[fd]
                 try:
                     conn, peer = listener.sock._accept()  # type: ignore[attr-defined]
                 except (BlockingIOError, InterruptedError):
@@ -202,22 +211,12 @@ def take_connection(
                 except OSError as exc:
                     if exc.errno == errno.EINVAL:  # shut down: the parent is stopping
                         waiting.unregister(fd)
-                    elif exc.errno not in _SKIPPED:
-                        time.sleep(_BACKOFF)  # out of descriptors or memory: as the parent
+                    elif exc.errno not in SKIPPED_ACCEPT_ERRNOS:
+                        time.sleep(BACKOFF_SECONDS)  # EMFILE and the like: as the parent
                     continue
-                family = listener.family
+                family, index = listener.family, direct[listener]
                 _report_busy(busy_fd, True, encode_peer(family, peer, index)[: PEER.size])
-                os.close(handoff_fd)
                 return conn, family, peer, index, b""
-    finally:
-        waiting.close()
-        for fd in by_fd:
-            os.close(fd)  # the child closes the listeners: drops only its reference
-
-
-# accept() errors that concern one connection only: wait for the next.
-_SKIPPED = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
-_BACKOFF = 0.1  # seconds: as the parent's pause on EMFILE and the like
 
 
 def message_size(services: Sequence[Service]) -> int:
@@ -234,7 +233,7 @@ def run_spare(
     on_error: Callable[[socket.socket, Any], None],
     limits: ChildLimits | None = None,
     services: Sequence[Service] = (),
-    direct: Sequence[tuple[Listener, int]] = (),
+    direct: Mapping[Listener, int] | None = None,
 ) -> NoReturn:
     """Become a spare: wait for one connection, serve it; never returns.
 
@@ -248,7 +247,7 @@ def run_spare(
         if limits is not None:
             limits.apply_to_process()  # as the user, before any connection arrives
         size = message_size(services)
-        got = take_connection(handoff_fd, busy_fd, direct, size)
+        got = take_connection(handoff_fd, busy_fd, direct or {}, size)
         if got is None:
             status = 0
         else:

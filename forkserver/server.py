@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import _signal  # enum-free signal calls on the per-connection path (see child.py)
 import _thread
-import errno
 import gc
 import heapq
 import os
@@ -42,7 +41,13 @@ from .boot import INHERIT_ENV, handover_env
 from .child import ChildLimits, serve_connection, serve_datagram, set_exit_notes
 from .children import WALK_DELAY, Child, ChildTable, describe_status
 from .handlers import import_handler, is_handler_class
-from .listeners import Listener, format_address, open_listeners
+from .listeners import (
+    BACKOFF_SECONDS,
+    SKIPPED_ACCEPT_ERRNOS,
+    Listener,
+    format_address,
+    open_listeners,
+)
 from .pool import BUSY_RECORD, decode_busy, encode_peer, message_size, reclaim, run_spare
 from .wakeup import HANDLED_SIGNALS, Wakeup
 
@@ -61,11 +66,6 @@ __all__ = ["Server"]
 logger = log.get_logger(__name__)
 access = log.get_logger("forkserver.access")
 
-# accept() errors that concern one connection only: skip it, keep accepting.
-_SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
-# Out of descriptors or kernel memory: pause accepting briefly, then retry.
-_BACKOFF_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-BACKOFF_SECONDS = 0.1
 TOP_UP_DELAY = 0.05  # seconds after a handoff: fork the rest of the spares
 _DATAGRAM_MAX = 65535  # the largest UDP payload
 MAX_SCRAPES = 4  # metrics scrape children at once; more are closed unanswered
@@ -178,7 +178,7 @@ class Server:
         self._handoff_child = self._busy_r = self._busy_w = -1
         # Listeners the spares accept from themselves (pool.py), each with its
         # service's index; the parent watches them only while no spare is idle.
-        self._direct: list[tuple[Listener, int]] = []
+        self._direct: dict[Listener, int] = {}
         self._watching_direct = False
         self._notes_r = self._notes_w = -1  # exit notes: pids of exiting children (children.py)
         self._walk_at: float | None = None  # then walk all children (children.py)
@@ -355,11 +355,11 @@ class Server:
                 # Admission rules and PROXY headers need the parent to see a
                 # connection first; every other stream listener needs nothing
                 # from it.
-                self._direct = [
-                    (lis, self._service_index(lis.service))
+                self._direct = {
+                    lis: self._service_index(lis.service)
                     for lis in self.listeners
                     if not lis.datagram and (lis.service is None or lis.service.trusted is None)
-                ]
+                }
             if self.settings.umask >= 0:
                 os.umask(self.settings.umask)
             self._signals_to_reset = (
@@ -427,7 +427,7 @@ class Server:
             self._handoff_child = self._busy_r = self._busy_w = self._notes_r = -1
             self._idle.clear()
             self._in_transit = 0
-            self._direct = []
+            self._direct = {}
             self._watching_direct = False
             self._lifetimes.clear()
             if self._headers is not None:
@@ -588,7 +588,7 @@ class Server:
         except (BlockingIOError, InterruptedError):
             return  # reset by the peer before we got to it, or a spurious wakeup
         except OSError as exc:
-            if exc.errno not in _SKIP_ERRNOS:
+            if exc.errno not in SKIPPED_ACCEPT_ERRNOS:
                 self._accept_failed(listener, exc)
             return
         self.accepted += 1
@@ -968,7 +968,7 @@ class Server:
         watch = not self._spare_waits() and self._can_accept()
         if watch == self._watching_direct:
             return
-        for listener, _ in self._direct:
+        for listener in self._direct:
             if watch:
                 self._selector.register(listener.sock, selectors.EVENT_READ, listener)
             else:
@@ -1011,7 +1011,7 @@ class Server:
     def _spare_closes(self) -> Iterator[int]:
         """The fds a new spare must not keep (it keeps the shared ones, and
         the listeners it accepts from)."""
-        keep = {listener.fileno() for listener, _ in self._direct}
+        keep = {listener.fileno() for listener in self._direct}
         yield from (fd for fd in self._private_fds() if fd not in keep)
         yield from self._other_children_fds()
 
@@ -1083,9 +1083,8 @@ class Server:
 
     def _pause_listening(self) -> None:
         if self._listening and self._selector is not None:
-            direct = {listener for listener, _ in self._direct}
             for listener in self.listeners:
-                if listener not in direct or self._watching_direct:
+                if listener not in self._direct or self._watching_direct:
                     self._selector.unregister(listener.sock)
             self._listening = self._watching_direct = False
         if self._resume_at is not None:  # out of descriptors: the metrics listener too
@@ -1109,9 +1108,8 @@ class Server:
             return
         if self._resume_at is not None or not self._can_accept():
             return
-        direct = {listener for listener, _ in self._direct}
         for listener in self.listeners:
-            if listener not in direct:  # those: _sync_direct
+            if listener not in self._direct:  # those: _sync_direct
                 self._selector.register(listener.sock, selectors.EVENT_READ, listener)
         self._listening = True
         self._sync_direct()
@@ -1249,8 +1247,8 @@ class Server:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            if exc.errno not in _SKIP_ERRNOS:  # EMFILE: back off like the serving listeners
-                self._accept_failed(self.metrics_listener, exc)
+            if exc.errno not in SKIPPED_ACCEPT_ERRNOS:
+                self._accept_failed(self.metrics_listener, exc)  # EMFILE: back off, as for all
             return
         if self._scrapes >= MAX_SCRAPES:
             os.close(fd)  # a flood of scrapes must not become a flood of forks
