@@ -112,17 +112,23 @@ class ServerProcess:
         return code
 
     def kill_group(self) -> None:
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
+        kill_group_and_wait(self.proc)
         self._reader.join(5)
         if self.proc.stderr:
             self.proc.stderr.close()
+
+
+def kill_group_and_wait(proc: subprocess.Popen[Any]) -> None:
+    """SIGKILL the process group *proc* leads (started in a new session),
+    then reap *proc*; quiet if it is gone already."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def group_members(pgid: int) -> list[psutil.Process]:
@@ -336,11 +342,23 @@ def recv_to_eof(sock: socket.socket, timeout: float = 20.0) -> bytes:
 def accept_queue_length(port: int) -> int:
     """Connections waiting in the accept queue of the TCP listener on *port*.
 
-    For a listening socket, the rx_queue column of /proc/net/tcp{,6} is the
-    number of established connections not yet accepted.
+    For a listening socket (state 0A), the rx_queue column of
+    /proc/net/tcp{,6} is the number of established connections not yet
+    accepted.
     """
+    return _rx_queue("tcp", port, "0A")
+
+
+def udp_queued_bytes(port: int) -> int:
+    """Bytes waiting in the receive queue of the UDP socket bound to *port*."""
+    return _rx_queue("udp", port)
+
+
+def _rx_queue(protocol: str, port: int, state: str | None = None) -> int:
+    """The rx_queue column of /proc/net/PROTOCOL{,6}, summed over the sockets
+    bound to local *port* (in *state*, if given)."""
     total = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for table in (f"/proc/net/{protocol}", f"/proc/net/{protocol}6"):
         try:
             with open(table) as fp:
                 rows = fp.read().splitlines()[1:]
@@ -348,10 +366,38 @@ def accept_queue_length(port: int) -> int:
             continue
         for row in rows:
             fields = row.split()
-            local, state, queues = fields[1], fields[3], fields[4]
-            if state == "0A" and int(local.rpartition(":")[2], 16) == port:
+            local, row_state, queues = fields[1], fields[3], fields[4]
+            if state is not None and row_state != state:
+                continue
+            if int(local.rpartition(":")[2], 16) == port:
                 total += int(queues.partition(":")[2], 16)
     return total
+
+
+# Lines the parent logs for a child that did not exit 0.
+ABNORMAL_EXIT = re.compile(r"child \d+ for .* (exit status|killed by)")
+
+
+def assert_config_refused(result: subprocess.CompletedProcess[str]) -> None:
+    """A config error, as a user must see it: exit 2, nothing served or
+    printed on stdout, one line on stderr naming forkserver, no traceback."""
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert "listening on" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("forkserver: "), result.stderr
+
+
+def children_gone(server: ServerProcess, timeout: float = 20.0) -> None:
+    """Every child reaped: none alive, none a zombie (waits for the reaping)."""
+    try:
+        wait_until(lambda: not server.children(), timeout, "the server's children to go")
+    except AssertionError:
+        zombies = [p.pid for p in zombie_children(server)]
+        left = [p.pid for p in server.children()]
+        raise AssertionError(f"children left: {left}, of which zombies: {zombies}") from None
 
 
 def zombie_children(server: ServerProcess) -> list[psutil.Process]:

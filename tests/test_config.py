@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from forkserver.config import ConfigError, Listen, Settings, load, reference_table
-from tests.conftest import run_forkserver
+from tests.conftest import assert_config_refused, run_forkserver
 
 # -- Settings ---------------------------------------------------------------
 
@@ -394,14 +394,7 @@ def _params() -> list[Any]:
 def test_bad_config_exits_2_with_one_line_and_starts_nothing(
     name: str, rejected: Callable[[str], Run]
 ) -> None:
-    result = rejected(name).result
-    assert result.returncode == 2, result.stderr
-    assert result.stdout == ""
-    assert "Traceback" not in result.stderr
-    assert "listening on" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("forkserver: ")
+    assert_config_refused(rejected(name).result)
 
 
 @pytest.mark.parametrize("name", _params())

@@ -30,7 +30,8 @@ from typing import Any
 import psutil
 import pytest
 
-from forkserver.server import BACKOFF_SECONDS, LOG_INTERVAL
+from forkserver.listeners import BACKOFF_SECONDS
+from forkserver.server import LOG_INTERVAL
 from tests.conftest import (
     FORK_ON_ACCEPT,
     MODES,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import threading
@@ -23,7 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, ServerProcess, StartServer, recv_to_eof, wait_until
+from tests.conftest import (
+    ROOT,
+    ServerProcess,
+    StartServer,
+    kill_group_and_wait,
+    recv_to_eof,
+    wait_until,
+)
 
 
 def _find_haproxy() -> str | None:
@@ -92,14 +98,7 @@ class Haproxy:
         return self._log.read_text(errors="replace")
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
+        kill_group_and_wait(self.proc)
 
 
 # The documented recipe (conf/haproxy.cfg, shown in the README) with this

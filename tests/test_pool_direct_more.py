@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 from tests.conftest import (
+    ABNORMAL_EXIT,
     ServerProcess,
     StartServer,
     accept_queue_length,
@@ -44,7 +45,6 @@ from tests.conftest import (
 from tests.test_metrics_server import _metrics_url, _scrape
 from tests.test_pool_direct import frozen
 from tests.test_transports import (
-    ABNORMAL_EXIT,
     DATAGRAM_ECHO,
     PROXY_REPORT,
     TLS_LINE,

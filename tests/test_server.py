@@ -20,9 +20,11 @@ import psutil
 import pytest
 
 from tests.conftest import (
+    ABNORMAL_EXIT,
     ServerProcess,
     StartServer,
     accept_queue_length,
+    children_gone,
     config,
     connect,
     echo_roundtrip,
@@ -30,25 +32,11 @@ from tests.conftest import (
     recv_until,
     send_and_read,
     wait_until,
-    zombie_children,
 )
-
-# Lines the parent logs for a child that did not exit 0.
-ABNORMAL_EXIT = re.compile(r"child \d+ for .* (exit status|killed by)")
 
 
 def _port(sock: socket.socket) -> int:
     return int(sock.getsockname()[1])
-
-
-def _children_gone(server: ServerProcess, timeout: float = 20.0) -> None:
-    """Every child reaped: none alive, none a zombie (waits for the reaping)."""
-    try:
-        wait_until(lambda: not server.children(), timeout, "the server's children to go")
-    except AssertionError:
-        zombies = [p.pid for p in zombie_children(server)]
-        left = [p.pid for p in server.children()]
-        raise AssertionError(f"children left: {left}, of which zombies: {zombies}") from None
 
 
 def _assert_all_exited(pids: list[int]) -> None:
@@ -124,7 +112,7 @@ def test_hundreds_of_concurrent_clients_are_all_served_and_reaped(
     finally:
         for sock in socks:
             sock.close()
-    _children_gone(server)
+    children_gone(server)
     assert server.stop() == 0
     assert not ABNORMAL_EXIT.search(server.log), server.log
 
@@ -152,7 +140,7 @@ def test_raising_handler_fails_alone_and_serving_goes_on(start_server: StartServ
         assert logged_by and child_pid, (failed, exit_line)
         assert int(logged_by.group(1)) == int(child_pid.group(1)) != server.pid, attempt
         assert server.proc.poll() is None
-    _children_gone(server)
+    children_gone(server)
     assert server.stop() == 0
 
 
@@ -172,7 +160,7 @@ def test_sigchld_storm_of_short_connections_all_served(start_server: StartServer
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(roundtrip, payloads, timeout=50))
     assert results.count(True) == n, f"{results.count(False)} of {n} clients got wrong bytes"
-    _children_gone(server)
+    children_gone(server)
     assert server.proc.poll() is None
     assert server.stop() == 0
     assert not ABNORMAL_EXIT.search(server.log), server.log
@@ -214,7 +202,7 @@ def test_harmless_signals_during_accept_never_break_serving(start_server: StartS
     server.wait_for_log("SIGUSR1 ignored")
     # Still serving after the storm, and a clean stop.
     assert echo_roundtrip(address, b"after") == b"after"
-    _children_gone(server)
+    children_gone(server)
     assert server.stop() == 0
     assert "stopped: all children have exited" in server.log
 
@@ -303,7 +291,7 @@ def test_max_children_is_never_exceeded_and_waiting_clients_are_served(
             sock.close()
     assert samples > 3, "the sampler did not run"
     assert peak == limit, f"peak of {peak} children with max_children={limit}"
-    _children_gone(server)
+    children_gone(server)
     assert server.stop() == 0
 
 
@@ -416,7 +404,7 @@ def test_child_exit_status_is_logged_with_the_peer(start_server: StartServer) ->
         sock.sendall(b"3\n")
         assert recv_to_eof(sock) == b""
     server.wait_for_log(rf"child \d+ for 127\.0\.0\.1:{port} exit status 3 after")
-    _children_gone(server)
+    children_gone(server)
     assert server.stop() == 0
 
 
@@ -435,7 +423,7 @@ def test_child_killed_by_sigkill_is_logged_and_serving_goes_on(
         server.wait_for_log(rf"child {pid} for 127\.0\.0\.1:{port} killed by SIGKILL after")
         assert recv_to_eof(sock) == b""
     assert echo_roundtrip(address, b"still serving") == b"still serving"
-    _children_gone(server)
+    children_gone(server)
     assert server.stop() == 0
 
 
@@ -482,7 +470,7 @@ def test_client_sees_eof_right_after_the_handler_returns(start_server: StartServ
     server = start_server(config("tests.services:bye_and_return"))
     with connect(server.tcp_address, timeout=5) as sock:
         assert recv_to_eof(sock, timeout=5) == b"bye"
-    _children_gone(server)
+    children_gone(server)
     assert server.stop() == 0
 
 
@@ -515,7 +503,7 @@ def test_each_child_holds_only_its_own_connection(start_server: StartServer) -> 
     finally:
         for sock in socks:
             sock.close()
-    _children_gone(server)
+    children_gone(server)
     assert server.stop() == 0
 
 

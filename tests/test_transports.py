@@ -27,9 +27,12 @@ import psutil
 import pytest
 
 from tests.conftest import (
+    ABNORMAL_EXIT,
     ServerProcess,
     StartServer,
     accept_queue_length,
+    assert_config_refused,
+    children_gone,
     connect,
     needs_ipv6,
     recv_to_eof,
@@ -37,7 +40,6 @@ from tests.conftest import (
     send_and_read,
     toml_value,
     wait_until,
-    zombie_children,
 )
 
 ECHO = "forkserver.examples.echo:EchoHandler"
@@ -45,10 +47,6 @@ DATAGRAM_ECHO = "forkserver.examples.echo:DatagramEchoHandler"
 SERVICES = "tests.transport_services"
 PROXY_REPORT = f"{SERVICES}:proxy_report"
 TLS_LINE = f"{SERVICES}:TlsLine"
-
-# Lines the parent logs for a child that did not exit 0.
-ABNORMAL_EXIT = re.compile(r"child \d+ for .* (exit status|killed by)")
-
 
 # -- config text --------------------------------------------------------------------
 
@@ -94,16 +92,6 @@ def listening_line(server: ServerProcess, index: int) -> str:
     lines = [line for line in server.lines if "listening on " in line]
     assert len(lines) == len(server.addresses), server.log
     return lines[index].split("listening on ", 1)[1]
-
-
-def children_gone(server: ServerProcess, timeout: float = 20.0) -> None:
-    """Every child reaped: none alive, none a zombie (waits for the reaping)."""
-    try:
-        wait_until(lambda: not server.children(), timeout, "the server's children to go")
-    except AssertionError:
-        zombies = [p.pid for p in zombie_children(server)]
-        left = [p.pid for p in server.children()]
-        raise AssertionError(f"children left: {left}, of which zombies: {zombies}") from None
 
 
 def stop_cleanly(server: ServerProcess) -> None:
@@ -1022,14 +1010,7 @@ def rejected(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Cal
 
 @pytest.mark.parametrize("name", list(BAD_CONFIGS))
 def test_bad_listen_config_exits_2_with_one_line(name: str, rejected: Callable[[str], Run]) -> None:
-    result = rejected(name).result
-    assert result.returncode == 2, result.stderr
-    assert result.stdout == ""
-    assert "Traceback" not in result.stderr
-    assert "listening on" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("forkserver: "), result.stderr
+    assert_config_refused(rejected(name).result)
 
 
 @pytest.mark.parametrize("name", list(BAD_CONFIGS))

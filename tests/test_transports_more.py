@@ -27,19 +27,21 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import (
+    ABNORMAL_EXIT,
     READY,
     ServerProcess,
     StartServer,
     accept_queue_length,
+    children_gone,
     connect,
     group_members,
     idle_children,
     recv_to_eof,
     send_and_read,
+    udp_queued_bytes,
     wait_until,
 )
 from tests.test_transports import (
-    ABNORMAL_EXIT,
     DATAGRAM_ECHO,
     ECHO,
     PAYLOAD,
@@ -49,7 +51,6 @@ from tests.test_transports import (
     TLS_LINE,
     ParentWatch,
     Pki,
-    children_gone,
     expected,
     listen,
     read_until_closed,
@@ -113,23 +114,6 @@ def udp_ask(target: tuple[str, int], payload: bytes) -> bytes:
         reply, source = client.recvfrom(65536)
     assert source == target
     return reply
-
-
-def udp_queued_bytes(port: int) -> int:
-    """Bytes waiting in the receive queue of the UDP socket bound to *port*
-    (the rx_queue column of /proc/net/udp{,6})."""
-    total = 0
-    for table in ("/proc/net/udp", "/proc/net/udp6"):
-        try:
-            with open(table) as fp:
-                rows = fp.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            if int(fields[1].rpartition(":")[2], 16) == port:
-                total += int(fields[4].partition(":")[2], 16)
-    return total
 
 
 def open_fifo_writer(path: Path, timeout: float = 10.0) -> int:

@@ -60,6 +60,18 @@ def _host_port(client_address: Any) -> tuple[str, str]:
     return repr(client_address), "-"  # a Unix-socket peer
 
 
+def _read_line(conn: Any) -> bytes:
+    """Bytes up to and including the first newline (TCP is a stream: it may
+    take several recv calls), or all there was before EOF."""
+    line = b""
+    while not line.endswith(b"\n"):
+        data = conn.recv(4096)
+        if not data:
+            break
+        line += data
+    return line
+
+
 # -- TLS ------------------------------------------------------------------------------
 
 
@@ -73,12 +85,7 @@ class TlsLine(BaseHandler):
 
     def handle(self) -> None:
         conn = self.request
-        line = b""
-        while not line.endswith(b"\n"):
-            data = conn.recv(4096)
-            if not data:
-                break
-            line += data
+        line = _read_line(conn)
         version = conn.version() if hasattr(conn, "version") else None
         cert = conn.getpeercert() if hasattr(conn, "getpeercert") else None
         peer_cn = "-"
@@ -98,12 +105,7 @@ def tagged_reply(conn: socket.socket, client_address: Any) -> None:
     """Reads one line; replies b"TAG HOST PORT LINE" (TAG from $TRANSPORT_TEST_TAG).
 
     A connection that sends nothing (an HAProxy health check) gets nothing."""
-    line = b""
-    while not line.endswith(b"\n"):
-        data = conn.recv(4096)
-        if not data:
-            break
-        line += data
+    line = _read_line(conn)
     if not line:
         return
     host, port = _host_port(client_address)
