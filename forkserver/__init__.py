@@ -2,35 +2,30 @@
 
 Process model::
 
-                 SIGTERM/INT/QUIT/HUP/USR1/USR2 ──┐     SIGCHLD (child exited)
-                                                  ▼        │
-    ┌──────────────────── parent ────────────────────────────┴───────────┐
-    │ fds: listeners (TCP v4/v6, Unix), selector, wakeup pipe            │
-    │ loop: select(listeners + wakeup pipe), no timeout while idle       │
-    │   listener readable → accept() → fork() → close(conn)              │
-    │   wakeup readable   → drain; dispatch handle_<signal>();           │
-    │                       reap: waitpid(-1, WNOHANG) until 0            │
-    │ at max_children: stop selecting on listeners (kernel backlog waits) │
-    └──────────┬────────────────────────────┬────────────────────────────┘
-               │ fork()                     │ fork()
-    ┌──────────▼─────────────┐   ┌──────────▼─────────────┐
-    │ child: one connection  │   │ child: one connection  │
-    │ closes listeners,      │   │ ...                    │
-    │ selector, wakeup pipe; │   └────────────────────────┘
-    │ signals back to SIG_DFL│
-    │ handler(conn, addr)    │
-    │ shutdown+close(conn)   │
-    │ os._exit(status)       │
-    └────────────────────────┘
+                 SIGTERM/INT/QUIT/HUP/USR1/USR2 (a byte on the signal pipe)
+                              |
+    +------------------------ v -------- parent -----------------------+
+    | fds: listeners (TCP v4/v6, UDP, Unix), epoll, signal pipe,       |
+    |      one pidfd per child                                         |
+    | loop (parent/loop.py): epoll_wait, then each ready fd's callback |
+    |   listener  -> accept() -> admit? -> fork() -> close(conn)       |
+    |   pipe      -> the action parent/signals.py names                |
+    |   pidfd     -> waitpid(that pid): reaped, slot freed             |
+    | at max_children: listeners leave the loop (the backlog waits)    |
+    +--------------+-----------------------------+---------------------+
+                   | fork()                      | fork()
+    +--------------v------------+     +----------v----------+
+    | child (child/): one conn. |     | child               |  ...
+    | signals back to SIG_DFL,  |     +---------------------+
+    | parent's fds closed,      |
+    | handler(conn, addr),      |
+    | shutdown + close, _exit   |
+    +---------------------------+
 
-Modules, in the order a connection meets them: ``listeners`` (bind, listen),
-``server`` (the parent's loop: accept, fork, stop), ``wakeup`` (signals and
-the self-pipe), ``child`` (what runs after fork), ``handlers`` (the handler
-contract), ``children`` (the child table and reaping), ``config`` (settings),
-``cli`` (the command line); around them ``admission`` (refusals before any
-fork), ``pool`` (pre-forked spares), ``boot`` (the lean re-executed parent,
-reload and upgrade), ``log``, ``systemd``, ``pidfile``, ``metrics`` and
-``status``, and ``pytest_plugin`` (the ``forkserver`` fixture).
+Where each step lives: a connection is accepted in ``parent/accept.py``;
+what runs after fork is in ``child/``; a signal is handled as
+``parent/signals.py`` says; a setting is defined in ``config/settings.py``.
+The README's module map lists every module.
 """
 
 from __future__ import annotations

@@ -1,17 +1,12 @@
-"""Re-executing into a lean parent: what crosses exec(), and the lean side's start.
+"""Re-executing into a lean parent, and the lean parent's main().
 
 Every page the serving parent holds is copied into page tables at each fork
 and torn down at each child's exit, so the parent's size is paid once per
 connection.  The command line needs argparse, tomllib and the settings
 machinery only to start: once the config is valid and the listeners are
 bound, ``cli.main()`` re-executes ``python -m forkserver`` with the same
-arguments (same pid) and passes, in the environment:
-
-* ``FORKSERVER_BOOT``: "fd:N", an inherited memfd holding the settings,
-  ``sys.path`` and, for each listener, its fd (inherited across exec) and
-  Unix socket file identity, as :mod:`marshal` data (built in, so reading it
-  imports nothing; the reader is the same interpreter binary, so the format
-  matches).
+arguments (same pid) and passes the settings, ``sys.path`` and the
+listeners across exec (handover.py).
 
 The new image sees the variable, skips all parsing and runs the parent loop
 with only what serving needs imported (measured: 4 MB less anonymous memory
@@ -20,13 +15,13 @@ than the CLI's image, ``bench/fork_cost.py``).
 
 from __future__ import annotations
 
-import marshal
 import os
 import sys
 from types import SimpleNamespace
 
 from . import log
 from .errors import ConfigError
+from .handover import BOOT_ENV, stash, unstash
 from .listeners import Listener
 
 TYPE_CHECKING = False
@@ -36,68 +31,9 @@ if TYPE_CHECKING:
 
     from .config import Settings
 
-__all__ = ["BOOT_ENV", "INHERIT_ENV", "exec_lean_parent", "handover_env", "lean_main"]
+__all__ = ["exec_lean_parent", "lean_main"]
 
-BOOT_ENV = "FORKSERVER_BOOT"
-# A reload (same pid, re-executed) or an upgrade (a new parent) hands over
-# its listeners, and for a reload its children, to a parent that starts from
-# the command line again: it reads the new config, keeps the listeners whose
-# address is unchanged and adopts the children still serving.
-INHERIT_ENV = "FORKSERVER_INHERIT"
 _SET_BY_US = "FORKSERVER_SET_ENV"  # variables we set only for the exec
-
-
-def handover_env(
-    listeners: Sequence[Listener],
-    children: list[tuple[int, int, Any, float]] | None = None,
-    ready_fd: int = -1,
-    notes: tuple[int, int] | None = None,
-) -> str:
-    """The INHERIT_ENV value; marks the listeners' fds (and a reload's exit-notes
-    pipe, *notes*, which the children handed over still write to) to survive exec."""
-    for fd in notes or ():
-        os.set_inheritable(fd, True)
-    state = {
-        "listeners": [lis.inherit() for lis in listeners],
-        "children": children or [],
-        "ready_fd": ready_fd,
-        "notes": notes,
-    }
-    return _stash(marshal.dumps(state))
-
-
-def _stash(data: bytes) -> str:
-    """Put *data* in an inheritable memfd; returns "fd:N" for the environment.
-
-    Not the environment itself: one variable may hold only 128 KiB, and a
-    reload's child table outgrows that with ~1,200 children (E2BIG)."""
-    fd = os.memfd_create("forkserver-state", 0)  # no MFD_CLOEXEC: it crosses exec
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-    return f"fd:{fd}"
-
-
-def _unstash(value: str) -> bytes:
-    fd = int(value.removeprefix("fd:"))
-    try:
-        return os.pread(fd, os.fstat(fd).st_size, 0)
-    finally:
-        os.close(fd)
-
-
-def discard(value: str) -> None:
-    """Close the memfd behind a _stash() value that was not handed over."""
-    try:
-        os.close(int(value.removeprefix("fd:")))
-    except (OSError, ValueError):
-        pass  # gone already
-
-
-def take_handover() -> dict[str, Any] | None:
-    """What a reloading or upgrading parent handed over, if anything."""
-    value = os.environ.pop(INHERIT_ENV, None)
-    return marshal.loads(_unstash(value)) if value else None
 
 
 def exec_lean_parent(
@@ -128,9 +64,8 @@ def exec_lean_parent(
         "metrics": metrics_listener.inherit() if metrics_listener else None,
         "children": (handover or {}).get("children", []),
         "ready_fd": (handover or {}).get("ready_fd", -1),
-        "notes": (handover or {}).get("notes"),
     }
-    os.environ[BOOT_ENV] = _stash(marshal.dumps(state))
+    os.environ[BOOT_ENV] = stash(state)
     # Resolve every symbol of libpython and libc once, in the parent, rather
     # than lazily on first call in each child (each resolution writes the GOT,
     # a page copied per child: ~14 faults per connection, measured).
@@ -187,7 +122,7 @@ def lean_main(blob: str) -> int:
     from .handlers import import_handler
     from .server import Server
 
-    state = marshal.loads(_unstash(blob))
+    state = unstash(blob)
     if os.environ.pop(_SET_BY_US, None):  # ld.so has read it: keep it from handlers
         os.environ.pop("LD_BIND_NOW", None)
     sys.path[:] = state["path"]
@@ -216,7 +151,7 @@ def lean_main(blob: str) -> int:
         os.set_inheritable(state["ready_fd"], False)
     if state["metrics"]:
         server.metrics_listener = Listener.adopt(**state["metrics"])
-    server.adopt(state["argv"], state["children"], state["ready_fd"], state["notes"])
+    server.adopt(state["argv"], state["children"], state["ready_fd"])
     server.exiting_after_serve = True
     try:
         server.serve_forever()

@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 import sys
 
-from .boot import BOOT_ENV
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from .handover import BOOT_ENV
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -98,9 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _start(argv: list[str]) -> int:
     from . import log, pidfile
-    from .boot import exec_lean_parent, take_handover
+    from .boot import exec_lean_parent
     from .errors import BindError, ConfigError
     from .handlers import import_handler
+    from .handover import take_handover
     from .listeners import Listener, adopt_activated, open_listeners, open_metrics_listener
     from .systemd import listen_fds
 

@@ -19,7 +19,6 @@ connection with a log line; its handler never runs.
 
 from __future__ import annotations
 
-import heapq
 import select
 import time
 from socket import AF_INET6, MSG_DONTWAIT, MSG_PEEK, SOCK_STREAM
@@ -35,6 +34,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .listeners import Listener
+    from .parent.loop import Loop, Timer
 
 __all__ = ["HeaderReader"]
 
@@ -47,7 +47,7 @@ _CLOSED = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 class _Waiting:
     """A connection whose header has not fully arrived yet."""
 
-    __slots__ = ("deadline", "family", "listener", "peer", "sock")
+    __slots__ = ("deadline", "family", "listener", "peer", "sock", "timer")
 
     def __init__(self, sock: Socket, family: int, peer: Any, listener: Listener) -> None:
         self.sock = sock
@@ -55,6 +55,7 @@ class _Waiting:
         self.peer = peer
         self.listener = listener
         self.deadline = time.monotonic() + listener.service.proxy_timeout
+        self.timer: Timer | None = None
 
 
 class HeaderReader:
@@ -66,16 +67,20 @@ class HeaderReader:
         self,
         admit: Callable[[int, int, Any, Listener], None],
         refused: Callable[[int, Any, str], None],
+        loop: Loop,
     ) -> None:
         self._admit = admit
+        self._loop = loop  # each header's deadline is a timer on the loop
         # Counts a refusal (metrics, access log): refused(family, peer, reason)
         # with "proxy_header" for a bad, late or missing header and
         # "proxy_untrusted" for the source.
         self._refused = refused
         self._epoll = select.epoll()
         self._waiting: dict[int, _Waiting] = {}
-        self._deadlines: list[tuple[float, int, _Waiting]] = []  # (deadline, seq, ...)
-        self._seq = 0
+        # Called after headers were read or given up on: room for the next.
+        self.on_done: Callable[[], None] | None = None
+        # Called when the set of fds held here changed (a child forked next closes them).
+        self.on_fds_changed: Callable[[], None] | None = None
         self._untrusted_log = log.Throttle(log.INTERVAL)
 
     def fileno(self) -> int:
@@ -89,10 +94,6 @@ class HeaderReader:
         """Every fd held here: a new child closes them (other clients' connections)."""
         yield self._epoll.fileno()
         yield from self._waiting
-
-    @property
-    def next_deadline(self) -> float | None:
-        return self._deadlines[0][0] if self._deadlines else None
 
     def start(self, fd: int, peer: Any, listener: Listener) -> None:
         """Read the header of accepted connection *fd*, now or when it arrives."""
@@ -111,32 +112,34 @@ class HeaderReader:
         if self._read(waiting):
             return
         self._waiting[fd] = waiting
+        if self.on_fds_changed is not None:
+            self.on_fds_changed()
         # An fd already readable when added is reported at once, so bytes
         # that arrived since the read above are not missed.
         self._epoll.register(fd, _EDGE)
-        self._seq += 1
-        heapq.heappush(self._deadlines, (waiting.deadline, self._seq, waiting))
+        waiting.timer = self._loop.call_at(waiting.deadline, lambda: self._expire(waiting))
 
-    def ready(self) -> None:
+    def ready(self, _: int = -1) -> None:
         """Some waiting connections got bytes (or closed): read their headers."""
         for fd, events in self._epoll.poll(0):
             waiting = self._waiting.get(fd)
             if waiting is not None:
                 self._read(waiting, closed=bool(events & _CLOSED))
+        if self.on_done is not None:
+            self.on_done()
 
-    def expire(self) -> None:
-        """Close the connections whose header is overdue."""
-        now = time.monotonic()
-        while self._deadlines and self._deadlines[0][0] <= now:
-            waiting = heapq.heappop(self._deadlines)[2]
-            if self._waiting.get(waiting.sock.fileno()) is waiting:
-                timeout = waiting.listener.service.proxy_timeout
-                self._fail(waiting, f"no complete header within proxy_timeout ({timeout:g}s)")
+    def _expire(self, waiting: _Waiting) -> None:
+        """*waiting*'s header is overdue: close it."""
+        waiting.timer = None
+        if self._waiting.get(waiting.sock.fileno()) is waiting:
+            timeout = waiting.listener.service.proxy_timeout
+            self._fail(waiting, f"no complete header within proxy_timeout ({timeout:g}s)")
+        if self.on_done is not None:
+            self.on_done()
 
     def close_all(self, why: str) -> None:
         for waiting in list(self._waiting.values()):
             self._fail(waiting, why)
-        self._deadlines.clear()
 
     def close(self) -> None:
         self.close_all("the server is exiting")
@@ -149,6 +152,10 @@ class HeaderReader:
         if self._waiting.get(fd) is waiting:
             del self._waiting[fd]
             self._epoll.unregister(fd)
+            if self.on_fds_changed is not None:
+                self.on_fds_changed()
+        self._loop.cancel(waiting.timer)
+        waiting.timer = None
 
     def _read(self, waiting: _Waiting, closed: bool = False) -> bool:
         """Try to take the header; True when the connection is dealt with.
@@ -190,11 +197,11 @@ class HeaderReader:
 
     def _fail(self, waiting: _Waiting, reason: str, kind: str | None = "proxy_header") -> None:
         self._forget(waiting)
-        if kind is not None:
-            self._refused(waiting.family, waiting.peer, kind)
         logger.warning(
             "PROXY header from %s: %s; closing the connection",
             format_address(waiting.family, waiting.peer),
             reason,
         )
-        waiting.sock.close()
+        waiting.sock.close()  # first: refused() may fork, and the child must not hold it
+        if kind is not None:
+            self._refused(waiting.family, waiting.peer, kind)

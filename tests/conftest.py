@@ -26,6 +26,9 @@ import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Every server the suite starts checks, at each fork, that the list of fds a
+# child closes is not stale (forkserver/parent/fork.py).
+os.environ["FORKSERVER_CHECK_FDS"] = "1"
 READY = "forkserver ready"
 LISTENING = re.compile(r"listening on ([^\s\"]+)")
 

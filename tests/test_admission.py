@@ -334,7 +334,7 @@ def _release(sock: socket.socket, pid: int) -> None:
 
 
 def _refusal_lines(server: ServerProcess, reason: str) -> list[str]:
-    rx = re.compile(rf"\[{server.pid}\] WARNING forkserver\.server: refused \S+: {reason}\b")
+    rx = re.compile(rf"\[{server.pid}\] WARNING forkserver\.[\w.]+: refused \S+: {reason}\b")
     return [line for line in server.lines if rx.search(line)]
 
 

@@ -28,9 +28,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from forkserver import metrics, status
-from forkserver.child import serve
-from forkserver.children import Child, ChildTable
+from forkserver.child.stream import serve
 from forkserver.config import Settings
+from forkserver.parent.children import ChildTable
+from forkserver.parent.loop import Loop
 from forkserver.server import Server
 
 pytestmark = pytest.mark.timeout(30)
@@ -119,12 +120,12 @@ def fake_server(
     refused: dict[str, int] | None = None,
 ) -> SimpleNamespace:
     """What snapshot() reads from a Server, around a real ChildTable."""
-    table = ChildTable()
+    table = ChildTable(Loop(), lambda child: None)
     now = time.monotonic()
     for i, pid in enumerate(busy):
-        table.add(Child(pid, socket.AF_INET, ("10.0.0.7", 50000 + i), now - 100 - i))
+        table.add(pid, socket.AF_INET, ("10.0.0.7", 50000 + i), now - 100 - i)
     for pid in idle:
-        table.add(Child(pid, 0, None, now - 1))
+        table.add(pid, 0, None, now - 1)
     table.exited_ok, table.exited_error, table.exited_signal = 10, 2, 1
     return SimpleNamespace(
         accepted=17,
@@ -236,10 +237,11 @@ def test_snapshot_reads_a_real_server(sleepers: Sleepers) -> None:
     busy, idle = sleepers.start(1)[0], sleepers.start(1)[0]
     server = Server(("127.0.0.1", 0), lambda conn, addr: None, max_children=7, spare_children=1)
     try:
-        server.accepted, server.fork_failures, server.refused = 5, 1, {"full": 2}
+        server._acceptor.accepted, server._acceptor.fork_failures = 5, 1
+        server._acceptor.refusals.refused = {"full": 2}
         started = time.monotonic() - 30
-        server.children.add(Child(busy, socket.AF_INET6, ("::1", 4000, 0, 0), started))
-        server.children.add(Child(idle, 0, None, time.monotonic()))
+        server.children.add(busy, socket.AF_INET6, ("::1", 4000, 0, 0), started)
+        server.children.add(idle, 0, None, time.monotonic())
         server._idle.add(idle)
         server.children.exited_signal = 3
         snap = metrics.snapshot(server, parent_pid=1234)
@@ -255,8 +257,8 @@ def test_snapshot_reads_a_real_server(sleepers: Sleepers) -> None:
         server.refused["full"] = 99  # a snapshot is a copy
         assert snap["refused"] == {"full": 2}
     finally:
-        for pid in (busy, idle):
-            server.children.exited(pid, 0)  # they are the fixture's to end
+        server.children.close()  # stop watching: they are the fixture's to end
+        server.children._children.clear()
         server.server_close()
 
 
@@ -402,7 +404,7 @@ def test_scrape_child_answers_from_its_copy_of_the_parent(sleepers: Sleepers) ->
         try:
             conn.close()  # the parent keeps no copy: the client must see EOF
             server.accepted = 1000
-            server.children.add(Child(os.getpid(), socket.AF_INET, ("1.2.3.4", 5), 0.0))
+            server.children.add(os.getpid(), socket.AF_INET, ("1.2.3.4", 5), 0.0)
             with client:
                 client.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
                 data = b""
@@ -427,8 +429,8 @@ def test_scrape_child_answers_from_its_copy_of_the_parent(sleepers: Sleepers) ->
 
 
 def test_serve_metrics_as_the_run_function_of_child_serve() -> None:
-    """The wiring suggested for the parent: child.serve() (what
-    serve_connection runs) with serve_metrics as its handler; serve_metrics
+    """The wiring the parent uses: child.stream.serve() (what a scrape
+    child runs) with serve_metrics as its handler; serve_metrics
     closes the connection, and serve()'s own close after it is harmless."""
     snap = metrics.snapshot(fake_server([]))
     errors: list[object] = []

@@ -54,11 +54,11 @@ def _report(address: tuple[str, int] | str) -> dict[str, Any]:
         return reply
 
 
-def _only_exit_notes(fds: dict[str, str]) -> bool:
-    """Whether a child holds nothing of the parent's but the exit-notes pipe
-    (children.py) it writes its pid to as it leaves: no listener, no handoff
-    socket, no busy pipe."""
-    return len(fds) == 1 and next(iter(fds.values())).startswith("pipe:")
+def _nothing_of_the_parents(fds: dict[str, str]) -> bool:
+    """Whether a child holds nothing of the parent's: no listener, no handoff
+    socket, no busy pipe; at most its siblings' pidfds, which are close-on-exec
+    and grant nothing a pid does not (parent/children.py)."""
+    return all(target == "anon_inode:[pidfd]" for target in fds.values())
 
 
 def _spares(server: ServerProcess, count: int) -> set[int]:
@@ -76,12 +76,12 @@ def test_idle_spares_serve_while_the_parent_is_stopped(start_server: StartServer
     # listener (and everything else of the parent's) before the handler ran.
     assert {r["pid"] for r in replies} == spares
     for reply in replies:
-        assert _only_exit_notes(reply["fds"]), reply
+        assert _nothing_of_the_parents(reply["fds"]), reply
         assert reply["addr"][0] == "127.0.0.1"
     # Thawed, the parent reads the spares' busy records, reaps them, refills.
     wait_until(lambda: all(reaped(pid) for pid in spares), what="the used spares reaped")
     assert not _spares(server, 3) & spares
-    assert _only_exit_notes(_report(server.tcp_address)["fds"])
+    assert _nothing_of_the_parents(_report(server.tcp_address)["fds"])
     assert server.stop() == 0
     assert "exit status" not in server.log  # every child exited 0
     assert not zombie_children(server)
@@ -98,7 +98,7 @@ def test_a_spare_accepts_from_a_unix_listener_too(
     with frozen(server):
         reply = _report(unix_at(server, 0))
     assert reply["pid"] in spares
-    assert _only_exit_notes(reply["fds"]), reply
+    assert _nothing_of_the_parents(reply["fds"]), reply
     assert server.stop() == 0
 
 

@@ -1,0 +1,583 @@
+"""Accepting: accept() or recvfrom(), admit or refuse, fork, and queue at the limit.
+
+A listener's callback accepts one connection per readiness event (epoll is
+level-triggered, so a listener with more waiting is reported again at once,
+and the loop never ends in EAGAIN: an exception in every wakeup costs more
+than an epoll call, and touches pages that each fork then copies).  The
+default path (no admission rules, no PROXY protocol, no spares) is: accept,
+fork, close the parent's copy, watch the child.
+
+At max_children the listeners leave the loop (the kernel's backlog holds
+the clients) until a child exits, or, with ``when_full = "refuse"``, each
+connection over the limit gets the busy message.  Out of descriptors
+(EMFILE) or processes, accepting pauses for BACKOFF_SECONDS.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from socket import SHUT_RD
+
+from .. import log
+from ..child.datagram import answer
+from ..child.start import become
+from ..child.stream import serve
+from ..listeners import BACKOFF_SECONDS, SKIPPED_ACCEPT_ERRNOS, format_address
+from .refusals import Refusals
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from typing import Any
+
+    from ..admission import Admission
+    from ..child.limits import ChildLimits
+    from ..config import Settings
+    from ..headers import HeaderReader
+    from ..listeners import Listener
+    from ..service import Service
+    from .children import Child, ChildTable
+    from .fork import Forker
+    from .loop import Loop, Timer
+    from .spares import Spares
+
+__all__ = ["Acceptor"]
+
+logger = log.get_logger(__name__)
+
+DATAGRAM_MAX = 65535  # the largest UDP payload
+
+
+class Acceptor:
+    """The listeners' side of the parent: from a readable listener to a child."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        loop: Loop,
+        children: ChildTable,
+        forker: Forker,
+        admission: Admission,
+        limits: ChildLimits | None,
+        run: Callable[[Any, Any], None],
+        on_error: Callable[[Any, Any], None],
+    ) -> None:
+        self.settings = settings
+        self._loop = loop
+        self._children = children
+        self._forker = forker
+        self._admission = admission
+        self._limits = limits
+        self._run = run  # the server's finish_request: the default handler
+        self._on_error = on_error
+        self._max_children = settings.max_children
+        self._refuse_when_full = settings.when_full == "refuse"
+        self.refusals = Refusals(settings.busy_message, settings.access_log)
+        self.spares: Spares | None = None  # set by the server with spare_children
+        self.headers: HeaderReader | None = None  # PROXY headers being read
+        # Most connections waiting for their header at once (each holds an fd
+        # in the parent); not max_children: a slow proxy must not hold up the rest.
+        self._headers_limit = max(settings.max_children, settings.backlog)
+        self.listeners: list[Listener] = []
+        self.accepted = 0
+        self.fork_failures = 0
+        self.listening = False
+        self.stopping = False
+        self.held = False  # a reload waits for PROXY headers: accept nothing new
+        self._resume: Timer | None = None  # out of descriptors or processes: try again then
+        # Connections (and datagrams) waiting for a slot: at a stop's drain,
+        # or handed back from the spares.
+        self.queued: deque[tuple[int, int, Any, Service | None]] = deque()
+        # A UDP socket dup, the datagram, its sender, the listener's service.
+        self.queued_datagrams: deque[tuple[int, bytes, int, Any, Service]] = deque()
+        self._accept_log = log.Throttle(log.INTERVAL)
+        self._fork_log = log.Throttle(log.INTERVAL)
+        # Whether a new child needs anything beyond the child table: one flag,
+        # so the default path reads one attribute.
+        self._per_child_work = admission.enabled or bool(settings.max_lifetime)
+        self._callbacks: dict[Listener, Callable[[int], None]] = {}
+        # Called with True when accepting backs off (out of descriptors), False
+        # when it may go on: the metrics listener pauses too (scrape.py).
+        self.on_backoff: Callable[[bool], None] | None = None
+        forker.parent_only(self._fds)
+
+    # -- setup -----------------------------------------------------------------
+
+    def start(self, listeners: list[Listener]) -> None:
+        """Before the first fork: choose each listener's callback once."""
+        self.listeners = listeners
+        for listener in listeners:
+            service = listener.service
+            if listener.datagram:
+                callback = _bind(self.receive, listener)
+            elif service is not None and service.trusted is not None:
+                callback = _bind(self._on_proxied, listener)
+            elif self._admission.enabled or self.spares is not None:
+                callback = _bind(self._on_connection, listener)
+            else:
+                callback = self._plain(listener)
+            self._callbacks[listener] = callback
+        proxied = any(
+            lis.service is not None and lis.service.trusted is not None for lis in listeners
+        )
+        if proxied and self.headers is None:
+            from ..headers import HeaderReader
+
+            self.headers = HeaderReader(self.header_read, self.refusals.count, self._loop)
+            self.headers.on_done = self._header_done
+            self.headers.on_fds_changed = self._forker.changed
+            self._forker.changed()
+            self._loop.add_reader(self.headers.fileno(), self.headers.ready)
+
+    def finish(self) -> None:
+        """After the loop: what waits is closed; ready for another start()."""
+        self.drop_queued("the loop ended")  # only after an exception
+        if self.headers is not None:
+            self._loop.remove_reader(self.headers.fileno())
+            self.headers.close()
+            self.headers = None
+            self._forker.changed()
+        self._loop.cancel(self._resume)
+        self._resume = None
+        self.listening = self.held = False
+
+    def changed(self) -> None:
+        """The parent holds other fds now (the forker recomputes what a child closes)."""
+        self._forker.changed()
+
+    def _fds(self) -> Iterator[int]:
+        """What a new child closes of ours: listeners, other clients' connections."""
+        for listener in self.listeners:
+            if not listener.closed:
+                yield listener.fileno()
+        for queued in self.queued:
+            yield queued[0]
+        for waiting in self.queued_datagrams:
+            yield waiting[0]
+        if self.headers is not None:
+            yield from self.headers.fds()
+
+    # -- streams -----------------------------------------------------------------
+
+    def _plain(self, listener: Listener) -> Callable[[int], None]:
+        """The default path's callback for *listener*: accept, fork, close."""
+        accept = listener.sock._accept  # type: ignore[attr-defined]
+        family, service = listener.family, listener.service  # its own handler, or TLS
+
+        def on_readable(_: int) -> None:
+            try:
+                fd, peer = accept()
+            except (BlockingIOError, InterruptedError):
+                return  # reset by the peer before we got to it, or a spurious wakeup
+            except OSError as exc:
+                self.accept_failed(listener, exc)
+                return
+            self.accepted += 1
+            if len(self._children) < self._max_children:
+                self._spawn(fd, family, peer, service)
+            elif self._refuse_when_full:
+                self.refusals.refuse(fd, family, peer, "full")
+            else:
+                self.queued.append((fd, family, peer, service))
+                self._forker.changed()
+            if not self._refuse_when_full and len(self._children) >= self._max_children:
+                self.pause()
+
+        return on_readable
+
+    def _accept_one(self, listener: Listener) -> tuple[int, Any] | None:
+        try:
+            fd, peer = listener.sock._accept()  # type: ignore[attr-defined]
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            self.accept_failed(listener, exc)
+            return None
+        self.accepted += 1
+        return fd, peer
+
+    def _on_connection(self, listener: Listener) -> None:
+        """Accept with admission rules or spares configured."""
+        got = self._accept_one(listener)
+        if got is not None:
+            fd, peer = got
+            self.take(fd, listener.family, peer, listener.service)
+            if not self.can_accept():
+                self.pause()
+
+    def _on_proxied(self, listener: Listener) -> None:
+        """A PROXY protocol listener: admission waits for the header (headers.py)."""
+        got = self._accept_one(listener)
+        if got is not None:
+            self._wait_for_header(listener, *got)
+            if not self.can_accept():
+                self.pause()
+
+    def _wait_for_header(self, listener: Listener, fd: int, peer: Any) -> None:
+        assert self.headers is not None
+        if len(self.headers) >= self._headers_limit:  # when_full = "refuse"
+            self.refusals.refuse(fd, listener.family, peer, "proxy_backlog")
+            return
+        self.headers.start(fd, peer, listener)
+
+    def _header_done(self) -> None:
+        if not self.listening:  # a header done: room for the next
+            self.resume()
+
+    def header_read(self, fd: int, family: int, peer: Any, listener: Listener) -> None:
+        """The PROXY header of *fd* is in: admit the client it names."""
+        self.take(fd, family, peer, listener.service)
+        if self.listening and not self.can_accept():
+            self.pause()
+
+    def take(self, fd: int, family: int, peer: Any, service: Service | None = None) -> None:
+        """An accepted connection (counted by the caller): admit it (or refuse
+        it), then give it a child, or queue it until a child exits."""
+        if self._admission.enabled:
+            reason = self._admission.check(family, peer, self.busy_children())
+            if reason is not None:
+                self.refusals.refuse(fd, family, peer, reason)
+                return
+        if not self._dispatch(fd, family, peer, service):
+            if self._refuse_when_full:
+                self.refusals.refuse(fd, family, peer, "full")
+                return
+            # At max_children while stopping (or a full handoff queue): the
+            # next child to exit makes room for it.
+            self.queued.append((fd, family, peer, service))
+            self._forker.changed()
+
+    def _dispatch(self, fd: int, family: int, peer: Any, service: Service | None) -> bool:
+        """Give accepted connection *fd* to an idle spare, or fork a child for
+        it; False when neither is possible (max_children reached)."""
+        spares = self.spares
+        if spares is not None and spares.waiting() and spares.hand_off(fd, family, peer, service):
+            if self._admission.enabled:
+                self._admission.opened(self._admission.source(family, peer))
+            return True
+        if len(self._children) >= self._max_children:
+            return False
+        self._spawn(fd, family, peer, service)
+        return True
+
+    def _spawn(self, fd: int, family: int, peer: Any, service: Service | None) -> None:
+        """Fork a child for accepted connection *fd*."""
+        closes = self._forker.closes()
+        try:
+            pid = self._forker.fork()
+        except OSError as exc:
+            self._fork_failed(exc, f"refusing the connection from {format_address(family, peer)}")
+            self.refusals.refuse(fd, family, peer, "fork_failed")
+            return
+        if pid == 0:
+            run = self._run if service is None else service.run
+            limits = self._limits
+            become(
+                closes, self._forker.signals, limits, family, peer,
+                serve, fd, family, peer, run, self._on_error, limits, service,
+            )  # fmt: skip
+        # close() only drops a reference: if the parent kept its copy, the
+        # client would never see EOF when the child is done.
+        os.close(fd)
+        child = self._children.add(pid, family, peer, time.monotonic())
+        if self._per_child_work:
+            self.serving_starts(child)
+            self._admission.opened(child.source)
+
+    def serving_starts(self, child: Child) -> None:
+        """*child* now serves a connection: note the source it counts against,
+        and start its max_lifetime."""
+        if self._admission.enabled:
+            child.source = self._admission.source(child.family, child.peer)
+        if self.settings.max_lifetime:
+            s = self.settings
+            self._children.limit_lifetime(child, s.max_lifetime, s.kill_timeout)
+
+    def busy_children(self) -> int:
+        """The load admission judges: children serving, not idle spares."""
+        spares = self.spares
+        return len(self._children) - (spares.idle_count() if spares is not None else 0)
+
+    # -- datagrams ---------------------------------------------------------------
+
+    def receive(self, listener: Listener) -> bool:
+        """A UDP listener: read one datagram and fork its child (socketserver's
+        ForkingUDPServer); False when none was waiting."""
+        try:
+            data, peer = listener.sock.recvfrom(DATAGRAM_MAX)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            # ECONNREFUSED and the like: an ICMP error for an earlier reply.
+            return True
+        self.accepted += 1
+        family = listener.family
+        if self._admission.enabled:
+            reason = self._admission.check(family, peer, self.busy_children())
+            if reason is not None:
+                self.refusals.drop_datagram(family, peer, reason)
+                return True
+        service = listener.service
+        if not self.answer(listener.fileno(), data, family, peer, service):
+            waits = self.stopping or not self._refuse_when_full
+            if waits and len(self.queued_datagrams) < self.settings.backlog:
+                # The stop's drain, or read just as the last slot went (a spare
+                # counted idle took a connection of its own): answered as
+                # children exit, as connections are.
+                entry = (os.dup(listener.fileno()), data, family, peer, service)
+                self.queued_datagrams.append(entry)
+                self._forker.changed()
+            else:
+                self.refusals.drop_datagram(family, peer, "full")
+        if not self.can_accept():
+            self.pause()
+        return True
+
+    def answer(
+        self, fd: int, data: bytes, family: int, peer: Any, service: Service, owned: bool = False
+    ) -> bool:
+        """Give a datagram to an idle spare, or fork a child for it, with UDP
+        socket *fd* (closed here if *owned*); False at max_children."""
+        spares = self.spares
+        if (
+            spares is not None
+            and spares.waiting()
+            and spares.hand_off(fd, family, peer, service, data)
+        ):
+            if self._admission.enabled:
+                self._admission.opened(self._admission.source(family, peer))
+        elif len(self._children) >= self._max_children:
+            return False
+        else:
+            self._spawn_datagram(fd, data, family, peer, service)
+        if owned:
+            os.close(fd)
+        return True
+
+    def _spawn_datagram(
+        self, fd: int, data: bytes, family: int, peer: Any, service: Service
+    ) -> None:
+        closes = self._forker.closes()
+        try:
+            pid = self._forker.fork()
+        except OSError as exc:
+            self._fork_failed(exc, f"dropping a datagram from {format_address(family, peer)}")
+            self.refusals.drop_datagram(family, peer, "fork_failed")
+            return
+        if pid == 0:
+            limits = self._limits
+            become(
+                closes, self._forker.signals, limits, family, peer,
+                # its own copy: the parent's fds, this socket among them, are closed first
+                answer, os.dup(fd), data, family, peer, service.run, self._on_error, limits,
+            )  # fmt: skip
+        child = self._children.add(pid, family, peer, time.monotonic())
+        if self._per_child_work:
+            self.serving_starts(child)
+            self._admission.opened(child.source)
+
+    # -- the limit: pause, resume, queue -------------------------------------------
+
+    def can_accept(self) -> bool:
+        """Whether to accept now: a connection would get a child at once, or
+        when_full = "refuse" (it would get the busy message)."""
+        spares = self.spares
+        return (
+            self._refuse_when_full
+            or len(self._children) < self._max_children
+            or (spares is not None and spares.waiting())
+        ) and (
+            # Enough connections wait for their PROXY header: the next ones
+            # wait in the backlog (or are refused).
+            self.headers is None
+            or self._refuse_when_full
+            or len(self.headers) < self._headers_limit
+        )
+
+    def pause(self) -> None:
+        """Stop watching the listeners (those the spares accept from are theirs)."""
+        if not self.listening:
+            return
+        direct = self.spares.direct if self.spares is not None else {}
+        for listener in self.listeners:
+            if listener not in direct and not listener.closed:
+                self._loop.remove_reader(listener.fileno())
+        self.listening = False
+        if self.spares is not None:
+            self.spares.sync_direct()
+
+    def resume(self) -> None:
+        """Watch the listeners again, if there is room and nothing holds us back."""
+        if self.spares is not None:
+            self.spares.fill()
+        if self.listening or self.stopping or self.held or self._resume is not None:
+            return
+        if not self.can_accept():
+            return
+        direct = self.spares.direct if self.spares is not None else {}
+        for listener in self.listeners:
+            if listener not in direct:
+                self._loop.add_reader(listener.fileno(), self._callbacks[listener])
+        self.listening = True
+        if self.spares is not None:
+            self.spares.sync_direct()
+
+    def watch_direct(self, listener: Listener, watch: bool) -> None:
+        """For the spares: watch a listener they accept from while none of them is idle."""
+        if watch:
+            self._loop.add_reader(listener.fileno(), self._callbacks[listener])
+        else:
+            self._loop.remove_reader(listener.fileno())
+
+    def slot_freed(self, child: Child) -> None:
+        """A child exited: serve what waits for a slot, or listen again."""
+        if self._per_child_work:
+            self._admission.closed(child.source)
+        if self.queued or self.queued_datagrams:
+            self.dispatch_queued()
+        if not self.listening and not self.stopping:
+            # An exiting child may also have freed descriptors (ENFILE) or
+            # processes (fork's EAGAIN): try again now.
+            if self._resume is not None:
+                self._loop.cancel(self._resume)
+                self._resume = None
+                if self.on_backoff is not None:
+                    self.on_backoff(False)
+            self.resume()
+
+    def dispatch_queued(self) -> None:
+        """Give the connections and datagrams waiting for a slot their child,
+        as long as there is room."""
+        while self.queued:
+            # Off the queue before its child is forked: a new child closes
+            # every queued fd, as other clients' connections.
+            entry = self.queued.popleft()
+            self._forker.changed()  # its child keeps it
+            if not self._dispatch(*entry):
+                self.queued.appendleft(entry)
+                self._forker.changed()
+                break
+        while self.queued_datagrams:
+            fd, data, family, peer, service = self.queued_datagrams.popleft()
+            self._forker.changed()
+            if not self.answer(fd, data, family, peer, service, owned=True):
+                self.queued_datagrams.appendleft((fd, data, family, peer, service))
+                self._forker.changed()
+                break
+
+    def drop_queued(self, why: str) -> None:
+        if self.queued:
+            logger.warning("closing %d queued connections unserved: %s", len(self.queued), why)
+        while self.queued:
+            os.close(self.queued.popleft()[0])
+        if self.queued_datagrams:
+            n = len(self.queued_datagrams)
+            logger.warning("dropping %d queued datagrams unanswered: %s", n, why)
+        while self.queued_datagrams:
+            os.close(self.queued_datagrams.popleft()[0])
+        self._forker.changed()
+
+    # -- failures ----------------------------------------------------------------
+
+    def accept_failed(self, listener: Listener, exc: OSError) -> None:
+        """accept() on *listener* failed: skip that connection, or back off."""
+        if exc.errno in SKIPPED_ACCEPT_ERRNOS:
+            return  # that one connection failed; the next is fine
+        # Out of descriptors (or some error we do not know): retrying at once
+        # would spin at 100% CPU.  Leave the connections in the kernel backlog
+        # and try again shortly, or as soon as a child exits.
+        if self._accept_log.ready():
+            held = self._accept_log.take_suppressed()
+            logger.error(
+                "accept() on %s failed: %s; pausing accepts for %.1fs%s",
+                listener.name,
+                os.strerror(exc.errno or 0),
+                BACKOFF_SECONDS,
+                f" ({held} more failures since the last report)" if held else "",
+            )
+        self.back_off()
+
+    def back_off(self) -> None:
+        """Pause accepting for BACKOFF_SECONDS (or until a child exits)."""
+        self.pause()
+        self._loop.cancel(self._resume)
+        self._resume = self._loop.call_later(BACKOFF_SECONDS, self._resume_after_backoff)
+        if self.on_backoff is not None:
+            self.on_backoff(True)
+
+    def backing_off(self) -> bool:
+        return self._resume is not None
+
+    def _resume_after_backoff(self) -> None:
+        self._resume = None
+        if self.on_backoff is not None:
+            self.on_backoff(False)
+        self.resume()
+
+    def _fork_failed(self, exc: OSError, consequence: str) -> None:
+        self.fork_failed(exc, consequence)
+        # EAGAIN/ENOMEM pass when children exit: give them a moment.
+        self.back_off()
+
+    def fork_failed(self, exc: OSError, consequence: str) -> None:
+        """Count and log (at most once per interval) a failed fork."""
+        self.fork_failures += 1
+        if self._fork_log.ready():
+            held = self._fork_log.take_suppressed()
+            logger.error(
+                "fork() failed: %s; %s%s",
+                exc.strerror,
+                consequence,
+                f" ({held} more since the last report)" if held else "",
+            )
+
+    # -- the stop's drain -----------------------------------------------------------
+
+    def close_listeners(self, drain: bool = True) -> None:
+        if drain:
+            self._drain_backlog()
+        for listener in self.listeners:
+            listener.close_and_unlink()
+        self._forker.changed()
+
+    def _drain_backlog(self) -> None:
+        """Take in connections the kernel already queued, so closing the
+        listeners does not reset them; serve each as a slot frees up."""
+        drained: list[tuple[int, Any, Listener]] = []
+        for listener in self.listeners:
+            listener.refuse_new()
+        for listener in self.listeners:
+            if listener.datagram:
+                for _ in range(self.settings.backlog):
+                    if not self.receive(listener):
+                        break
+                continue
+            while len(drained) + len(self.queued) < self.settings.backlog:
+                try:
+                    fd, peer = listener.sock._accept()  # type: ignore[attr-defined]
+                except OSError:
+                    break
+                self.accepted += 1
+                drained.append((fd, peer, listener))
+            # Stop listening in every process at once: a child forked a moment
+            # ago holds a copy of the listener until it gets to close it, and
+            # what the kernel queued on that copy would be reset then. Only
+            # after the accepts: shutdown() resets what is still queued (and
+            # since refuse_new(), nothing new joins the queue).
+            try:
+                listener.sock.shutdown(SHUT_RD)
+            except OSError:
+                pass  # not connected: some kernels refuse it on a Unix listener
+        for fd, peer, listener in drained:  # forks only now, the window above stays short
+            service = listener.service
+            if service is not None and service.trusted is not None:
+                self._wait_for_header(listener, fd, peer)
+            else:
+                self.take(fd, listener.family, peer, service)
+
+
+def _bind(method: Callable[[Listener], Any], listener: Listener) -> Callable[[int], None]:
+    """A loop callback (called with the fd) that runs ``method(listener)``."""
+    return lambda _fd: method(listener)
