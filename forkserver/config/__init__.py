@@ -14,8 +14,8 @@ setting is written down exactly once.
 * ``reference.py``: the CLI's flags and the README table.
 
 The names below load their module on first use (PEP 562): the serving parent
-imports ``values.py`` (through ``admission``) and must not pay for tomllib,
-dataclasses or the checks.
+imports ``forkserver.config.settings`` alone, to rebuild its settings with
+``Settings.from_dict``, and must not pay for tomllib or the checks.
 """
 
 from __future__ import annotations
@@ -61,6 +61,10 @@ def __getattr__(name: str) -> object:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from importlib import import_module
 
+    from .fields import complete
+
     value = getattr(import_module(module), name)
+    if name in ("Settings", "Listen"):
+        complete()  # full dataclasses from here: dataclasses.fields(Settings) works
     globals()[name] = value
     return value

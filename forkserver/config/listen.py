@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ..addresses import listen_key
 from ..errors import ConfigError
-from .fields import Table, setting
+from .fields import Table, deferred_dataclass, setting
 from .values import check_address, check_file, check_networks
 
 __all__ = ["LISTEN_TABLE", "Listen", "check_unique"]
@@ -14,7 +12,7 @@ __all__ = ["LISTEN_TABLE", "Listen", "check_unique"]
 LISTEN_TABLE = "listen"
 
 
-@dataclass(frozen=True)
+@deferred_dataclass(frozen=True)
 class Listen(Table):
     """One ``[[listen]]`` table: an address and how its connections are served."""
 

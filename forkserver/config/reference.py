@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from .checking import describe, field_types
-from .fields import Table
+from .fields import Table, complete
 from .listen import LISTEN_TABLE, Listen
 from .settings import Settings
 
@@ -53,4 +53,5 @@ def reference_table() -> str:
 
 
 def _fields(cls: type[Table]) -> tuple[dataclasses.Field[Any], ...]:
+    complete()
     return dataclasses.fields(cls)  # type: ignore[arg-type]

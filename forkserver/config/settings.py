@@ -1,22 +1,25 @@
 """``[server]``: every setting, once, with its help text, flag, range and checks.
 
 The TOML loader (``load.py``), the command line's flags and the README's
-reference table (``reference.py``) are generated from these fields.
+reference table (``reference.py``) are generated from these fields.  Importing
+this module costs the serving parent nothing it does not hold already: it
+rebuilds its settings with :meth:`Settings.from_dict`, without the checks and
+without ``dataclasses`` (see ``fields.py``).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from ..addresses import host_port
 from ..errors import ConfigError
-from .fields import Table, setting
+from .fields import Table, deferred_dataclass, setting
 from .listen import Listen, check_unique
 from .values import check_account, check_address, check_early_drop, check_networks
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from typing import Any
 
 __all__ = ["LOG_LEVELS", "TABLE", "Settings"]
@@ -25,7 +28,7 @@ TABLE = "server"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-@dataclass(frozen=True)
+@deferred_dataclass(frozen=True)
 class Settings(Table):
     """The ``[server]`` table.  Construct with keywords; values are checked."""
 
@@ -289,6 +292,13 @@ class Settings(Table):
                 f"{TABLE}.spare_children must be at most max_children ({self.max_children}), "
                 f"got {self.spare_children}"
             )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Settings:
+        """Settings holding *values*, unchecked, as ``dataclasses.asdict`` gave them
+        (``listen``: a dict for each table).  For the lean parent: imports nothing."""
+        listen = tuple(Listen.from_dict(table) for table in values["listen"])
+        return super().from_dict({**values, "listen": listen})
 
     def replace(self, source: str, **changes: Any) -> Settings:
         """Return a copy with *changes* applied and checked; *source* names them."""
