@@ -29,7 +29,7 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest
 
 ## Regenerate the README's generated blocks: the configuration tables (from
-## forkserver/config.py) and the HAProxy recipe (conf/haproxy.cfg).
+## the fields in forkserver/config/) and the HAProxy recipe (conf/haproxy.cfg).
 readme: $(STAMP)
 	$(BIN)/python -c 'import pathlib; from forkserver.config import reference_table; \
 	p = pathlib.Path("README.md"); s = p.read_text(); \

@@ -24,6 +24,9 @@ import os
 import socket
 import time
 
+# The config's pure parser; the config checks early_drop with it too.
+from .config.values import parse_early_drop
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -67,19 +70,6 @@ class _Networks:
     def __contains__(self, address: tuple[int, int]) -> bool:
         version, value = address
         return any(v == version and value >> shift == top for v, shift, top in self._nets)
-
-
-def parse_early_drop(value: str) -> tuple[int, int, int] | None:
-    """sshd's MaxStartups "start:rate:full", or None for "" (off); ValueError if bad."""
-    if not value:
-        return None
-    parts = value.split(":")
-    if len(parts) != 3 or not all(p.isdigit() for p in parts):
-        raise ValueError(value)
-    start, rate, full = (int(p) for p in parts)
-    if not (start < full and 0 <= rate <= 100):
-        raise ValueError(value)
-    return start, rate, full
 
 
 class Admission:

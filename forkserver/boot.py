@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-from types import SimpleNamespace
 
 from . import log
 from .errors import ConfigError
@@ -119,6 +118,7 @@ def _restore_site_builtins() -> None:
 
 def lean_main(blob: str) -> int:
     """The re-executed parent: adopt the listeners, import the handler, serve."""
+    from .config.settings import Settings
     from .handlers import import_handler
     from .server import Server
 
@@ -127,10 +127,10 @@ def lean_main(blob: str) -> int:
         os.environ.pop("LD_BIND_NOW", None)
     sys.path[:] = state["path"]
     _restore_site_builtins()
-    settings: Settings = SimpleNamespace(**state["settings"])  # type: ignore[assignment]
-    # The settings' listeners(), without the config machinery (see the docstring).
-    specs = tuple(SimpleNamespace(**spec) for spec in state["settings"]["listen"])
-    settings.listeners = lambda: specs  # type: ignore[method-assign,assignment,return-value]
+    # A real Settings, rebuilt without checking again or importing the config
+    # machinery (config/fields.py says why): "listen" holds every listener,
+    # so settings.listeners() builds none.
+    settings = Settings.from_dict(state["settings"])
     listeners = [Listener.adopt(**info) for info in state["listeners"]]
     log.setup(settings.log_level, settings.log_format)
     try:

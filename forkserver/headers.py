@@ -25,7 +25,7 @@ from socket import AF_INET6, MSG_DONTWAIT, MSG_PEEK, SOCK_STREAM
 from socket import socket as Socket
 
 from . import log
-from .listeners import format_address
+from .addresses import format_address
 from .proxy_protocol import MAX_LENGTH, ProxyHeaderError, parse
 
 TYPE_CHECKING = False

@@ -21,7 +21,7 @@ import os
 import socket
 import time
 
-from .listeners import address_problem, parse_address
+from .addresses import address_problem, parse_address
 
 # typing stays out of the serving parent: only the type checker reads these.
 TYPE_CHECKING = False

@@ -23,10 +23,11 @@ import sys
 import time
 
 from . import log, pidfile, systemd
+from .addresses import format_address
 from .admission import Admission
 from .child.limits import ChildLimits
 from .handlers import import_handler, is_handler_class
-from .listeners import Listener, format_address, open_listeners
+from .listeners import Listener, open_listeners
 from .parent.accept import Acceptor
 from .parent.children import ChildTable
 from .parent.fork import Forker

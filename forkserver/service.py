@@ -18,9 +18,9 @@ from __future__ import annotations
 import socket
 
 from . import log
+from .addresses import format_address, listen_key
 from .errors import ConfigError
 from .handlers import import_handler, is_handler_class
-from .listeners import format_address, listen_key
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -168,9 +168,9 @@ def build_services(
         elif listener.spec is not None:
             # Not in the config: a reload that could not bind its new
             # addresses keeps serving on the old ones, as they were.
-            from types import SimpleNamespace
+            from .config.listen import Listen
 
-            spec = SimpleNamespace(**listener.spec)
+            spec = Listen.from_dict(listener.spec)
         else:
             spec = None
         if spec is None or _plain(spec):

@@ -88,7 +88,7 @@ def become(
 def setup_failed(family: int, peer: Any) -> None:
     """The child could not get ready (drop privileges, set limits): say why."""
     from .. import log
-    from ..listeners import format_address
+    from ..addresses import format_address
 
     log.get_logger(__name__).exception(
         "child for %s could not start its handler", format_address(family, peer)

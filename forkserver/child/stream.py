@@ -6,7 +6,7 @@ import os
 import socket
 import time
 
-from ..listeners import format_address
+from ..addresses import format_address
 from .tcp_info import byte_counts
 
 TYPE_CHECKING = False

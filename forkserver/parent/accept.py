@@ -21,10 +21,11 @@ from collections import deque
 from socket import SHUT_RD
 
 from .. import log
+from ..addresses import format_address
 from ..child.datagram import answer
 from ..child.start import become
 from ..child.stream import serve
-from ..listeners import BACKOFF_SECONDS, SKIPPED_ACCEPT_ERRNOS, format_address
+from ..listeners import BACKOFF_SECONDS, SKIPPED_ACCEPT_ERRNOS
 from .refusals import Refusals
 
 TYPE_CHECKING = False

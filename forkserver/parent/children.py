@@ -31,7 +31,7 @@ import time
 from fcntl import F_DUPFD_CLOEXEC, fcntl
 
 from .. import log
-from ..listeners import format_address
+from ..addresses import format_address
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

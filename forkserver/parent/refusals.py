@@ -11,7 +11,7 @@ from socket import MSG_DONTWAIT, SHUT_WR, SOCK_STREAM
 from socket import socket as Socket
 
 from .. import log
-from ..listeners import format_address
+from ..addresses import format_address
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -21,8 +21,8 @@ import sys
 import time
 
 from .. import log, systemd
+from ..addresses import format_address
 from ..handover import INHERIT_ENV, discard, handover_env
-from ..listeners import format_address
 from .children import describe_status
 from .signals import HANDLED_SIGNALS
 

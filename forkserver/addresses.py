@@ -1,0 +1,65 @@
+"""Addresses as text: "HOST:PORT", "[V6]:PORT" and "unix:PATH", parsed and formatted.
+
+Pure string work, shared by the config's checks, the listeners, the metrics
+endpoint and the log lines; it imports nothing the serving parent has not
+imported already, so any module may use it.
+"""
+
+from __future__ import annotations
+
+import socket
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+__all__ = ["address_problem", "format_address", "host_port", "listen_key", "parse_address"]
+
+
+def host_port(host: str, port: int) -> str:
+    """*host* and *port* as "HOST:PORT"; an IPv6 host goes in brackets: "[::1]:PORT"."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def format_address(family: int, address: object) -> str:
+    """HOST:PORT, [V6]:PORT or unix:PATH, as logged and reported."""
+    if family == socket.AF_UNIX:
+        return f"unix:{address!s}" if address else "unix:(unnamed)"
+    if isinstance(address, tuple):
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+    return str(address)
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``("HOST", PORT)`` from "HOST:PORT" or "[V6]:PORT"; raises ValueError.
+
+    An empty HOST (":9100") means every IPv4 address, as for ``host``.
+    """
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f'"{text}": an IPv6 address needs brackets, like "[::1]:9100"')
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise ValueError(f'"{text}" is not "HOST:PORT" with a port 0-65535')
+    return host, int(port)
+
+
+def address_problem(value: str, example_port: int) -> str | None:
+    """What is wrong with a "HOST:PORT" setting, for its config error, or None."""
+    try:
+        parse_address(value)
+    except ValueError:
+        like = f'"127.0.0.1:{example_port}" or "[::1]:{example_port}"'
+        return f'"{value}" is not "HOST:PORT" (like {like})'
+    return None
+
+
+def listen_key(spec: Any) -> tuple[str, ...]:
+    """What identifies a configured listener (config.Listen) across a reload:
+    ("tcp", host, port), ("udp", host, port) or ("unix", path)."""
+    if spec.unix:
+        return ("unix", spec.unix)
+    host, port = parse_address(spec.tcp or spec.udp)
+    return ("tcp" if spec.tcp else "udp", host, str(port))
