@@ -172,7 +172,11 @@ def test_load_reports_errors_by_kind(start_server: StartServer) -> None:
     assert result.returncode == 2
 
 
-@pytest.mark.timeout(90)
+def _has_cc() -> bool:
+    return any(shutil.which(c) for c in ("cc", "gcc", "clang"))
+
+
+@pytest.mark.timeout(120)
 def test_compare(out_dir: Path) -> None:
     result = run_bench(
         "-m", "bench.compare", "--rounds", "1", "--concurrency", "1,8", "--duration", "1",
@@ -180,22 +184,34 @@ def test_compare(out_dir: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     data = json.loads((out_dir / "compare-latest.json").read_text())
-    expected = {"forkserver", "forkserver-pool", "socketserver", "python-floor"} | (
-        {"tcpserver"} if shutil.which("tcpserver") else set()
-    )
+    expected = {"forkserver", "forkserver-pool", "socketserver", "python-floor", "python-sigchld"}
+    expected |= {"tcpserver"} if shutil.which("tcpserver") else set()
+    expected |= {"c-floor"} if _has_cc() else set()
     assert set(data["summary"]) == expected
+    assert data["settings"]["generator"] == ("churn.c" if _has_cc() else "bench.load")
     for name in expected:
         for c in ("1", "8"):
             row = data["summary"][name][c]
             assert row["conn_per_s"] > 0
             assert row["errors_total"] == 0
             assert row["p50_ms"] <= row["p99_ms"]
+            assert row["faults_per_conn"] > 0  # every fork costs the server page faults
+            assert row["load_us_per_conn"] > 0
+            assert row["children_us_per_conn"] > 0
         assert data["ratios"][name]["8"]["conn_per_s"] > 0
     assert data["ratios"]["socketserver"]["1"]["conn_per_s"] == 1.0
     assert len(data["runs"]) == 2 * len(expected)
     assert data["machine"]["cores"] == os.cpu_count()
     assert len(list(out_dir.glob("compare-2*.json"))) == 1
     assert "forkserver" in result.stdout and "conn/s" in result.stdout
+    # The targets: forkserver and the pool over each reference that ran.
+    refs = {"python-floor"} | ({"tcpserver"} & expected)
+    pairs = {(t["server"], t["reference"]) for t in data["targets"]}
+    assert pairs == {(s, r) for s in ("forkserver", "forkserver-pool") for r in refs}
+    for t in data["targets"]:
+        assert t["conn_per_s_8"] > 0 and t["p50_ms_1"] > 0 and t["faults_per_conn"] > 0
+        assert t["conn_per_s_32"] is None  # not measured in this run
+    assert "forkserver-pool / python-floor" in result.stdout
 
 
 @pytest.mark.timeout(90)
