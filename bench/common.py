@@ -43,12 +43,22 @@ def _busy_seconds() -> tuple[float, float]:
 def run_load(address: tuple[str, int], *args: str, time_limit: float) -> dict[str, Any]:
     """Run bench.load against *address* with extra flags *args*; its JSON report.
 
-    The report gains ``machine``: wall seconds of the run (load process start to
-    exit), and the CPU seconds the whole machine spent not idle meanwhile (the
-    generator, the server, and anything else running).
+    The report gains ``machine``, as from :func:`run_generator`.
     """
     argv = [sys.executable, "-m", "bench.load", "--host", address[0], "--port", str(address[1])]
-    argv += ["--json", "--quiet", *args]
+    return run_generator([*argv, "--json", "--quiet", *args], time_limit=time_limit)
+
+
+def run_generator(argv: list[str], time_limit: float) -> dict[str, Any]:
+    """Run a load generator that prints one JSON report (bench.load, bench/peers/churn.c).
+
+    It runs in its own session and is killed by process group afterwards.
+    The report gains ``machine``: wall seconds of the run (start to exit), and
+    the CPU seconds the whole machine spent not idle meanwhile (the
+    generator, the server, and anything else running).  Exit status 0 or 1
+    (some connections failed) is a report; anything else raises LoadError.
+    """
+    name = argv[2] if argv[1:2] == ["-m"] else Path(argv[0]).name
     busy0, total0 = _busy_seconds()
     t0 = time.monotonic()
     proc = subprocess.Popen(
@@ -64,14 +74,14 @@ def run_load(address: tuple[str, int], *args: str, time_limit: float) -> dict[st
     try:
         out, err = proc.communicate(timeout=time_limit)
     except subprocess.TimeoutExpired as exc:
-        raise LoadError(f"bench.load did not finish in {time_limit:g} s: {argv}") from exc
+        raise LoadError(f"{name} did not finish in {time_limit:g} s: {argv}") from exc
     finally:
         kill_group(proc.pid)  # its workers, should any be left
         proc.wait()
     busy1, total1 = _busy_seconds()
     wall = time.monotonic() - t0
     if proc.returncode not in (0, 1):
-        raise LoadError(f"bench.load exited {proc.returncode}: {' '.join(argv)}\n{err}")
+        raise LoadError(f"{name} exited {proc.returncode}: {' '.join(argv)}\n{err}")
     report: dict[str, Any] = json.loads(out)
     report["machine"] = {
         "wall_s": wall,

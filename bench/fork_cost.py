@@ -25,7 +25,7 @@ from typing import Any
 
 from .ballast import ENV
 from .common import RESULTS_DIR, LoadError, int_list, mb, metadata, run_load, write_results
-from .compare import measure
+from .compare import Generator, measure
 from .servers import ServerError, forkserver_spec, serve
 
 HANDLER = "bench.ballast:EchoHandler"
@@ -69,7 +69,9 @@ def measure_size(size: float, args: argparse.Namespace) -> dict[str, Any]:
         if args.warmup > 0:
             run_load(server.address, "--duration", str(args.warmup), time_limit=args.warmup + 60)
         row["closed_loop"] = {
-            str(c): measure(server, c, args.duration, args.payload) for c in args.concurrency
+            # bench.load, as this script has always measured (compare uses churn.c)
+            str(c): measure(server, Generator(prefer_c=False), c, args.duration, args.payload)
+            for c in args.concurrency
         }
         for result in row["closed_loop"].values():
             result.pop("cdf_ms")

@@ -15,7 +15,11 @@ Modes:
                per round.
 
 With ``--verify`` (the default) each reply must equal what was sent, as from an echo
-service; use ``--no-verify`` for anything else.  ``--rate`` opens connections at a
+service; use ``--no-verify`` for anything else, or ``--expect`` (a prefix, or
+``re:REGEX``) to check each reply against what the service should answer.  What is
+sent is ``--payload`` random bytes, or ``--send TEXT`` (with ``\r\n``-style escapes)
+or ``--send-file FILE``.  ``--framing line`` makes a keep-alive round's reply one line
+(up to ``\n``), for line-based services.  ``--rate`` opens connections at a
 fixed rate (open loop) instead of as fast as ``--concurrency`` clients can (closed
 loop): latency at a given load, not the service's peak.
 
@@ -25,11 +29,13 @@ the clients with non-blocking sockets on one edge-triggered epoll, and it report
 its own CPU time.  When that is a large part of the machine, the generator, not the
 service, may be the limit.  Every worker stops by itself at ``--duration`` or after
 ``--connections``; the parent kills and reaps any that do not (also on Ctrl-C, which
-ends the run early and reports what was measured).
+ends the run early and reports what was measured).  At ``--duration`` no new
+connection starts; those in flight get ``END_GRACE`` (1 s, at most ``--timeout``) to
+finish, then are closed and counted as ``unfinished``, not as errors.
 
 Only the standard library is used, so this file can be copied anywhere (Linux).
 Exit status: 0 when every connection succeeded, 1 when some failed (the errors are
-counted by kind in the report), 2 for a usage error.
+counted by kind in the report) or none completed, 2 for a usage error.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import math
 import mmap
 import os
 import pickle
+import re
 import resource
 import select
 import selectors
@@ -51,7 +58,7 @@ import sys
 import time
 import traceback
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -61,6 +68,10 @@ __all__ = ["LoadConfig", "main", "run"]
 COUNT_MODE_TIME_LIMIT = 300.0
 DEFAULT_DURATION = 10.0
 SWEEP_INTERVAL = 0.1  # how often workers look for timed-out connections
+# At the end of --duration, connections in flight get this long (at most --timeout).
+END_GRACE = 1.0
+REPLY_MAX = 1 << 20  # bytes of a reply kept for --expect or --framing line
+SHOWN_MAX = 200  # bytes of a bad reply shown in the report
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 CDF_POINTS = (*range(100), 99.5, 99.9, 99.99, 100)
 
@@ -99,6 +110,14 @@ class LoadConfig:
     rate: float | None = None
     procs: int | None = None
     timeout: float = 10.0
+    send: bytes | None = None  # what to send instead of --payload random bytes
+    expect: str | None = None  # a reply prefix (escapes allowed), or "re:REGEX"
+    framing: str = "bytes"  # keepalive: a reply is --reply-bytes bytes, or one line
+
+    @property
+    def echo_check(self) -> bool:
+        """Replies compared with what was sent: --verify, unless --expect says otherwise."""
+        return self.verify and self.expect is None
 
     def check(self) -> None:
         """Raise ValueError naming the first inconsistent flag."""
@@ -114,8 +133,17 @@ class LoadConfig:
             raise ValueError("--duration must be positive")
         if self.connections is not None and self.connections < 1:
             raise ValueError("--connections must be at least 1")
-        if self.payload < 0 or (self.mode == "keepalive" and self.payload < 1):
-            raise ValueError("--payload must be >= 0 (>= 1 for keepalive)")
+        size = self.payload if self.send is None else len(self.send)
+        if size < 0 or (self.mode == "keepalive" and size < 1):
+            raise ValueError("--payload (or --send) must be >= 0 bytes (>= 1 for keepalive)")
+        if self.framing not in ("bytes", "line"):
+            raise ValueError(f"--framing must be bytes or line, got {self.framing!r}")
+        if self.framing == "line" and self.mode != "keepalive":
+            raise ValueError("--framing line is for --mode keepalive (churn reads to EOF)")
+        if self.framing == "line" and self.reply_bytes is not None:
+            raise ValueError("--reply-bytes and --framing line exclude each other")
+        if self.expect is not None:
+            reply_matcher(self.expect)  # raises ValueError when malformed
         if self.rounds < 1:
             raise ValueError("--rounds must be at least 1")
         if self.rate is not None and self.rate <= 0:
@@ -125,7 +153,7 @@ class LoadConfig:
         if self.reply_bytes is not None:
             if self.reply_bytes < 1:
                 raise ValueError("--reply-bytes must be at least 1")
-            if self.verify and self.reply_bytes != self.payload:
+            if self.echo_check and self.reply_bytes != size:
                 raise ValueError("--verify needs --reply-bytes equal to --payload (echo)")
 
     @property
@@ -139,6 +167,32 @@ class LoadConfig:
         if self.unix is not None:
             return f"unix:{self.unix}"
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def unescape(text: str) -> bytes:
+    """``GET / HTTP/1.0\\r\\n\\r\\n`` -> the bytes it spells (Python string escapes)."""
+    try:
+        return text.encode().decode("unicode_escape").encode("latin-1")
+    except (UnicodeDecodeError, UnicodeEncodeError) as exc:
+        raise ValueError(f"bad escape in {text!r}: {exc.reason}") from None
+
+
+def reply_matcher(expect: str) -> Callable[[bytes], bool]:
+    """A test for a whole reply: ``re:REGEX`` searched in it, else a prefix it starts with."""
+    if expect.startswith("re:"):
+        try:
+            rx = re.compile(expect[3:].encode())
+        except re.error as exc:
+            raise ValueError(f"--expect: bad regular expression {expect[3:]!r}: {exc}") from None
+        return lambda reply: rx.search(reply) is not None
+    prefix = unescape(expect)
+    return lambda reply: reply.startswith(prefix)
+
+
+def shown(data: bytes, limit: int = SHOWN_MAX) -> str:
+    """*data* escaped for a one-line report, truncated to *limit* bytes."""
+    text = repr(data[:limit])[2:-1]
+    return text + (f"... ({len(data):,} bytes)" if len(data) > limit else "")
 
 
 def _resolve(cfg: LoadConfig) -> tuple[int, Any]:
@@ -165,7 +219,7 @@ def _error_kind(exc: OSError) -> str:
 class _Conn:
     """One client connection in flight."""
 
-    __slots__ = ("deadline", "fd", "got", "round", "sent", "shut", "sock", "t0")
+    __slots__ = ("deadline", "fd", "got", "reply", "round", "sent", "shut", "sock", "t0")
 
     def __init__(self, sock: socket.socket, t0: float, deadline: float) -> None:
         self.sock = sock
@@ -176,6 +230,7 @@ class _Conn:
         self.got = 0
         self.round = 0
         self.shut = False
+        self.reply = bytearray()  # kept only for --expect and --framing line
 
 
 class _Worker:
@@ -205,11 +260,22 @@ class _Worker:
         self.shared = shared
         self.slot = _FIRST_WORKER_SLOT + index * _SLOTS_PER_WORKER
         self.churn = cfg.mode == "churn"
-        self.payload = os.urandom(cfg.payload)
+        self.line = cfg.framing == "line"
+        if cfg.send is not None:
+            self.payload = cfg.send
+        elif self.line:  # printable, one line
+            self.payload = os.urandom(cfg.payload).hex().encode()[: cfg.payload - 1] + b"\n"
+        else:
+            self.payload = os.urandom(cfg.payload)
         self.pview = memoryview(self.payload)
-        self.plen = cfg.payload
-        self.expect = cfg.reply_bytes if cfg.reply_bytes is not None else cfg.payload
-        self.verify = cfg.verify
+        self.plen = len(self.payload)
+        self.expect = cfg.reply_bytes if cfg.reply_bytes is not None else self.plen
+        self.matcher = None if cfg.expect is None else reply_matcher(cfg.expect)
+        self.verify = cfg.echo_check
+        self.keep = self.line or self.matcher is not None  # keep each reply whole
+        self.first_unexpected: bytes | None = None
+        self.unfinished = 0
+        self.grace = min(END_GRACE, cfg.timeout)
         self.rounds = cfg.rounds
         self.timeout = cfg.timeout
         self.scratch = bytearray(65536)
@@ -258,6 +324,11 @@ class _Worker:
                     os._exit(1)
                 for conn in [c for c in conns.values() if now > c.deadline]:
                     self._fail(conn, "timeout")
+                if now > self.end + self.grace:  # --duration is over: stop waiting
+                    for conn in [*conns.values(), *retry]:
+                        self._close(conn)
+                        self.unfinished += 1
+                    retry.clear()
                 for conn in [c for c in retry if now > c.deadline]:
                     retry.remove(conn)
                     self._fail(conn, "timeout")
@@ -267,6 +338,8 @@ class _Worker:
             "connections": self.done,
             "requests": self.requests,
             "errors": dict(self.errors),
+            "unfinished": self.unfinished,
+            "first_unexpected": self.first_unexpected,
             "cpu_user": usage.ru_utime,
             "cpu_system": usage.ru_stime,
             "end": time.monotonic(),
@@ -350,6 +423,10 @@ class _Worker:
                     else:
                         self._fail(conn, "eof_early")
                     return
+                if self.keep:
+                    if not self._keep(conn, n):
+                        return
+                    continue
                 got = conn.got
                 if self.churn:
                     if self.verify:
@@ -373,10 +450,52 @@ class _Worker:
         except OSError as exc:
             self._fail(conn, _error_kind(exc))
 
+    def _keep(self, conn: _Conn, n: int) -> bool:
+        """Add *n* received bytes to the reply kept whole; False once the connection is
+        closed (failed, or done after its last keep-alive round)."""
+        room = max(REPLY_MAX - len(conn.reply), 0)
+        if n > room and self.line:
+            self._fail(conn, "long_reply")  # no end of line in sight
+            return False
+        conn.reply += self.sview[: min(n, room)]  # churn: --expect sees the first REPLY_MAX
+        conn.got += n
+        if self.churn:
+            return True  # the reply ends at EOF
+        if self.line:
+            end = self.scratch.find(b"\n", 0, n)
+            if end < 0:
+                return True
+            if end != n - 1:
+                self._fail(conn, "long_reply")  # more than one line for one request
+                return False
+        elif conn.got < self.expect:
+            return True
+        elif conn.got > self.expect:
+            self._fail(conn, "long_reply")
+            return False
+        return self._reply_ok(conn) and not self._end_round(conn)
+
+    def _reply_ok(self, conn: _Conn) -> bool:
+        """Check a whole kept reply (--expect, or a line's echo); False if it failed."""
+        reply = bytes(conn.reply)
+        if self.matcher is not None:
+            if self.matcher(reply):
+                return True
+            if self.first_unexpected is None:
+                self.first_unexpected = reply
+            self._fail(conn, "unexpected_reply")
+            return False
+        if self.verify and reply != self.payload:
+            self._fail(conn, "mismatch")
+            return False
+        return True
+
     def _end_churn(self, conn: _Conn) -> None:
         now = time.monotonic()
         if self.verify and conn.got != self.plen:
             self._fail(conn, "short_reply")
+            return
+        if self.keep and not self._reply_ok(conn):
             return
         self.latencies.append(now - conn.t0)
         self._close(conn)
@@ -398,6 +517,7 @@ class _Worker:
             self.shared[self.slot] = self.done
             return True
         conn.sent = conn.got = 0
+        conn.reply.clear()
         conn.t0 = now
         conn.deadline = now + self.timeout
         return False
@@ -563,7 +683,8 @@ def run(cfg: LoadConfig, progress: bool = False) -> dict[str, Any]:
         os.close(go_w)  # go
         go_w = -1
         start = start_ns / 1e9
-        hard_deadline = start + cfg.time_limit + cfg.timeout + 5.0
+        # Workers stop by themselves by then (END_GRACE); this is for stuck ones.
+        hard_deadline = start + cfg.time_limit + min(cfg.timeout, END_GRACE) + 5.0
         buffers = {fd: bytearray() for fd in workers}
         with selectors.DefaultSelector() as sel:
             for fd in workers:
@@ -627,9 +748,12 @@ def _report(
 ) -> dict[str, Any]:
     samples: array.array[float] = array.array("d")
     errors: Counter[str] = Counter()
+    first_unexpected: bytes | None = None
     for r in results:
         samples.frombytes(r["latencies"])
         errors.update(r["errors"])
+        if first_unexpected is None:
+            first_unexpected = r["first_unexpected"]
     if lost:
         errors["worker_lost"] += lost
     end = max((r["end"] for r in results), default=time.monotonic())
@@ -643,7 +767,7 @@ def _report(
     report: dict[str, Any] = {
         "tool": "bench.load",
         "target": cfg.target,
-        "config": asdict(cfg),
+        "config": {**asdict(cfg), "send": None if cfg.send is None else shown(cfg.send)},
         "procs": procs,
         "elapsed_s": round(elapsed, 6),
         "connections": connections,
@@ -655,6 +779,10 @@ def _report(
         "cdf_ms": cdf,
         "errors": dict(sorted(errors.items())),
         "errors_total": sum(errors.values()),
+        # An unexpected reply (--expect), escaped and truncated; None when all matched.
+        "first_unexpected_reply": None if first_unexpected is None else shown(first_unexpected),
+        # Connections still in flight END_GRACE after --duration: closed, not errors.
+        "unfinished": sum(r["unfinished"] for r in results),
         "generator_cpu": {
             "user_s": round(user, 4),
             "system_s": round(system, 4),
@@ -676,6 +804,12 @@ def format_report(report: dict[str, Any]) -> str:
     lat = report["latency_ms"]
     gen = report["generator_cpu"]
     head = f"{cfg['mode']} {report['target']}  payload {cfg['payload']} B"
+    if cfg["send"] is not None:
+        head = f"{cfg['mode']} {report['target']}  sending {cfg['send']}"
+    if cfg["expect"] is not None:
+        head += f"  expecting {cfg['expect']}"
+    if cfg["framing"] == "line":
+        head += "  replies: lines"
     if cfg["mode"] == "keepalive":
         head += f"  rounds {cfg['rounds']}"
     head += f"  concurrency {cfg['concurrency']}  procs {report['procs']}"
@@ -694,6 +828,13 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"latency ms per {report['latency_of']}:  {cols}")
     errors = ", ".join(f"{k} {v:,}" for k, v in report["errors"].items()) or "none"
     lines.append(f"errors       {report['errors_total']:>12,}  ({errors})")
+    if report["first_unexpected_reply"] is not None:
+        lines.append(f"first unexpected reply: {report['first_unexpected_reply']}")
+    if report["unfinished"]:
+        lines.append(
+            f"unfinished   {report['unfinished']:>12,}  (still in flight {END_GRACE:g} s after "
+            "the end: closed, not counted)"
+        )
     lines.append(
         f"generator CPU {gen['total_s']:.2f} s = {gen['cores_used']:.2f} of {gen['cores']} cores "
         f"({gen['fraction_of_machine']:.0%} of the machine)"
@@ -707,7 +848,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bench.load",
         description="Load-test a TCP or Unix-socket service (churn or keep-alive).",
-        epilog="Exit status: 0 all connections succeeded, 1 some failed, 2 usage error.",
+        epilog="Exit status: 0 all connections succeeded, 1 some failed or none completed, "
+        "2 usage error.",
     )
     p.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="server TCP port")
@@ -731,7 +873,26 @@ def _parser() -> argparse.ArgumentParser:
         "--verify",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="replies must equal what was sent (echo); default on",
+        help="replies must equal what was sent (echo); default on, unless --expect",
+    )
+    send = p.add_mutually_exclusive_group()
+    send.add_argument(
+        "--send",
+        metavar="TEXT",
+        help="send TEXT instead of --payload random bytes; \\r \\n \\t \\xNN \\\\ escapes",
+    )
+    send.add_argument("--send-file", metavar="FILE", help="send the bytes of FILE")
+    p.add_argument(
+        "--expect",
+        metavar="PREFIX",
+        help="each reply must start with PREFIX (escapes as --send), or match re:REGEX "
+        "anywhere; else the connection fails as unexpected_reply (replaces --verify)",
+    )
+    p.add_argument(
+        "--framing",
+        choices=("bytes", "line"),
+        default="bytes",
+        help="keepalive: a reply is --reply-bytes bytes, or one line up to \\n (bytes)",
     )
     p.add_argument("--rate", type=float, help="open connections at this rate per second")
     p.add_argument("--procs", type=int, help="worker processes (default: cores, <= concurrency)")
@@ -746,8 +907,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _what_to_send(text: str | None, path: str | None) -> bytes | None:
+    if text is not None:
+        return unescape(text)
+    if path is not None:
+        with open(path, "rb") as f:
+            return f.read()
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        send = _what_to_send(args.send, args.send_file)
+    except (ValueError, OSError) as exc:
+        print(f"bench.load: {exc}", file=sys.stderr)
+        return 2
     cfg = LoadConfig(
         host=args.host,
         port=args.port,
@@ -763,6 +938,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rate=args.rate,
         procs=args.procs,
         timeout=args.timeout,
+        send=send,
+        expect=args.expect,
+        framing=args.framing,
     )
     try:
         cfg.check()
@@ -780,7 +958,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(report))
     else:
         print(format_report(report))
-    return 1 if report["errors_total"] else 0
+    # Nothing completed (all cut off at the end) is no success either.
+    return 1 if report["errors_total"] or not report["connections"] else 0
 
 
 if __name__ == "__main__":

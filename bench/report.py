@@ -40,9 +40,8 @@ IDLE_CPU_LIMIT = 0.01  # parent CPU seconds per 5 s idle window that count as "n
 
 def _run_scripts(quick: bool, out: Path) -> None:
     for name in SCRIPTS:
-        argv = [sys.executable, "-m", f"bench.{name}"]
-        if out != RESULTS_DIR:
-            argv += ["--out", str(out)]
+        # Always named: bench.compare's own default is outside the repository.
+        argv = [sys.executable, "-m", f"bench.{name}", "--out", str(out)]
         if quick:
             argv += QUICK[name]
         print("$ " + " ".join(argv[1:]), file=sys.stderr, flush=True)
@@ -82,16 +81,22 @@ def _compare(data: dict[str, Any]) -> list[str]:
         f"{s['payload']}-byte echo churn (connect, send, half-close, read to EOF, close); "
         f"median of {s['rounds']} round(s) of {s['duration']:g} s per server and concurrency, "
         f"server order alternating; max_children {s['max_children']} and backlog "
-        f"{s['backlog']} for every server.  x ss: ratio to socketserver.  Parent/child µs: "
-        "the server's CPU per connection (parent, and its reaped children).  Generator: cores "
+        f"{s['backlog']} for every server; load from {s.get('generator', 'bench.load')}.  "
+        "x ss: ratio to socketserver.  Parent/child µs: the server's CPU per connection "
+        "(parent, and its reaped children); load µs: the generator's.  Faults: the server's "
+        "minor page faults per connection (parent + reaped children).  Generator: cores "
         "the load generator used.  Other: cores used meanwhile by everything else on the "
-        "machine (non-idle CPU time not accounted for by the server or the generator).",
+        "machine (non-idle CPU time not accounted for by the server or the generator).  "
+        "python-floor: `bench/peers/leanfloor.py` (`python -S -I`, raw-fd accept, "
+        "`os.read`/`os.write`, reaping in its loop); python-sigchld: `bench/peers/forkecho.py` "
+        "(socket objects, a SIGCHLD handler); c-floor: `bench/peers/forkecho.c`.",
         "",
     ]
     if s.get("tcpserver_argv"):
         out += [f"tcpserver ran as `{' '.join(s['tcpserver_argv'])}`.", ""]
     head = ["clients", "server", "conn/s", "x ss", "p50 ms", "x ss", "p99 ms"]
-    head += ["parent µs/conn", "child µs/conn", "generator cores", "other cores", "errors"]
+    head += ["parent µs/conn", "child µs/conn", "load µs/conn", "faults/conn"]
+    head += ["generator cores", "other cores", "errors"]
     rows = []
     for c in map(str, s["concurrency"]):
         for name, levels in data["summary"].items():
@@ -110,12 +115,33 @@ def _compare(data: dict[str, Any]) -> list[str]:
                     _f(row["p99_ms"], ".3f"),
                     _f(row["parent_us_per_conn"], ".0f"),
                     _f(row["children_us_per_conn"], ".0f"),
+                    _f(row.get("load_us_per_conn"), ".0f"),
+                    _f(row.get("faults_per_conn"), ".0f"),
                     _f(row["generator_cores"]),
                     _f(row.get("other_cores")),
                     str(row["errors_total"]),
                 ]
             )
     out += _table(head, rows, text_columns=2)
+    if data.get("targets"):
+        out += [
+            "",
+            "Targets as ratios in this run (conn/s: higher is better; p50 and page faults "
+            "per connection: lower is better):",
+            "",
+        ]
+        rows = [
+            [
+                f"{t['server']} / {t['reference']}",
+                *(
+                    _f(t[k])
+                    for k in ("conn_per_s_8", "conn_per_s_32", "p50_ms_1", "faults_per_conn")
+                ),
+            ]
+            for t in data["targets"]
+        ]
+        head = ["ratio", "conn/s, 8 clients", "conn/s, 32 clients", "p50, 1 client"]
+        out += _table([*head, "faults/conn"], rows)
     failed = [r for r in data["runs"] if "failed" in r]
     for r in failed:
         out += ["", f"Round {r['round']}, {r['server']} failed: {r['failed'].splitlines()[0]}"]
@@ -395,7 +421,7 @@ def _targets(
         if floor:
             # No target: what the least possible Python server reaches here.
             at = " / ".join(f"{floor.get(c, {}).get('conn_per_s', 0):.2f}" for c in ("8", "32"))
-            what = "python-floor (accept, fork, echo, exit): conn/s x socketserver, 8 / 32 clients"
+            what = "python-floor (leanfloor.py): conn/s x socketserver, 8 / 32 clients"
             rows.append([what, at, "the ceiling for Python"])
     if fork:
         big = [r for r in fork["sizes"] if "failed" not in r and r["ballast_mb"] >= 1000]
@@ -523,7 +549,8 @@ def render(out: Path, command: str, quick: bool) -> str:
             "",
         ]
     lines += [
-        "All traffic is on 127.0.0.1: the load generator (`bench/load.py`) shares the cores "
+        "All traffic is on 127.0.0.1: the load generator (bench.compare: `bench/peers/churn.c`; "
+        "the others: `bench/load.py`) shares the cores "
         "with the server under test, so absolute figures are lower than on separate machines; "
         "compare ratios, measured in one run.",
         "",

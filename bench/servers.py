@@ -10,9 +10,14 @@ log line or the port it prints), never a sleep.
   ``forkserver ready``.
 - ``socketserver``: ``bench/peers/socketserver_echo.py`` (stdlib
   ``ForkingTCPServer``, the same echo loop), which prints its port.
-- ``python-floor``: ``bench/peers/forkecho.py``, the least a Python
-  fork-per-connection server can do (accept, fork, echo, exit; reaping on
-  SIGCHLD, nothing else), which prints its port: the ceiling for forkserver.
+- ``python-floor``: ``bench/peers/leanfloor.py`` under ``python -S -I``, the
+  least a Python fork-per-connection server can do (raw-fd accept, fork,
+  ``os.read``/``os.write`` echo, ``os._exit``; reaping in its own loop, the
+  collector frozen and off), which prints its port: the ceiling for forkserver.
+- ``python-sigchld``: ``bench/peers/forkecho.py``, the same loop written the
+  ordinary way (socket objects, reaping in a SIGCHLD handler).
+- ``c-floor``: ``bench/peers/forkecho.c``, compiled at run time
+  (``bench/build.py``; skipped without a C compiler): the floor in C.
 - ``tcpserver``: ucspi-tcp's ``tcpserver -1 -HRl0 -c M -b B 127.0.0.1 0 cat``
   (Debian package ucspi-tcp).  ``-1`` prints the bound port, so port 0 works
   without a pick-then-bind race; ``-H -R -l0`` turn off the DNS and ident
@@ -29,14 +34,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
+from .build import built
+
 ROOT = Path(__file__).resolve().parent.parent
+PEERS = ROOT / "bench" / "peers"
 ECHO_HANDLER = "forkserver.examples.echo:EchoHandler"
 HOST = "127.0.0.1"
 
@@ -82,17 +90,33 @@ def forkserver_spec(
 
 
 def socketserver_spec(max_children: int, backlog: int) -> ServerSpec:
-    script = str(ROOT / "bench" / "peers" / "socketserver_echo.py")
+    script = str(PEERS / "socketserver_echo.py")
     argv = [sys.executable, script, "--host", HOST, "--port", "0"]
     argv += ["--max-children", str(max_children), "--backlog", str(backlog)]
     return ServerSpec("socketserver", argv, r"^(\d+)$", r"^\d+$")
 
 
 def python_floor_spec(backlog: int) -> ServerSpec:
-    """bench/peers/forkecho.py: no max_children, no limits, no stop: a floor, not a peer."""
-    script = str(ROOT / "bench" / "peers" / "forkecho.py")
+    """bench/peers/leanfloor.py: no max_children, no limits, no stop: a floor, not a peer."""
+    script = str(PEERS / "leanfloor.py")
+    argv = [sys.executable, "-S", "-I", script, "--host", HOST, "--port", "0"]
+    return ServerSpec("python-floor", [*argv, "--backlog", str(backlog)], r"^(\d+)$", r"^\d+$")
+
+
+def python_sigchld_spec(backlog: int) -> ServerSpec:
+    """bench/peers/forkecho.py: the floor's loop with socket objects and a SIGCHLD handler."""
+    script = str(PEERS / "forkecho.py")
     argv = [sys.executable, script, "--host", HOST, "--port", "0", "--backlog", str(backlog)]
-    return ServerSpec("python-floor", argv, r"^(\d+)$", r"^\d+$")
+    return ServerSpec("python-sigchld", argv, r"^(\d+)$", r"^\d+$")
+
+
+def c_floor_spec(backlog: int) -> ServerSpec | None:
+    """bench/peers/forkecho.c, built now; None when there is no C compiler."""
+    binary = built(PEERS / "forkecho.c")
+    if binary is None:
+        return None
+    pattern = r"listening on 127\.0\.0\.1:(\d+)"
+    return ServerSpec("c-floor", [str(binary), str(backlog)], pattern, pattern)
 
 
 def tcpserver_spec(max_children: int, backlog: int) -> ServerSpec | None:
@@ -104,32 +128,36 @@ def tcpserver_spec(max_children: int, backlog: int) -> ServerSpec | None:
     return ServerSpec("tcpserver", [*argv, HOST, "0", "cat"], r"^(\d+)$", r"^\d+$")
 
 
+# What each name in ``peer_specs`` starts; (max_children, backlog) -> spec, or
+# None when the server is not available here (said in one line, then skipped).
+_SPECS: dict[str, Callable[[int, int], ServerSpec | None]] = {
+    "forkserver": forkserver_spec,
+    "forkserver-pool": lambda m, b: forkserver_spec(m, b, spare_children=min(POOL_SPARES, m)),
+    "socketserver": socketserver_spec,
+    "tcpserver": tcpserver_spec,
+    "python-floor": lambda m, b: python_floor_spec(b),
+    "python-sigchld": lambda m, b: python_sigchld_spec(b),
+    "c-floor": lambda m, b: c_floor_spec(b),
+}
+SERVER_NAMES = tuple(_SPECS)
+_MISSING = {
+    "tcpserver": "tcpserver not installed (apt-get install ucspi-tcp): skipped",
+    "c-floor": "no C compiler (cc, gcc or clang): c-floor skipped",
+}
+
+
 def peer_specs(names: list[str], max_children: int, backlog: int) -> list[ServerSpec]:
-    """Specs for *names*, skipping tcpserver when it is not installed."""
+    """Specs for *names*, skipping (with a note) those not available here."""
     specs: list[ServerSpec] = []
     for name in names:
-        if name == "forkserver":
-            specs.append(forkserver_spec(max_children, backlog))
-        elif name == "forkserver-pool":
-            spares = min(POOL_SPARES, max_children)
-            specs.append(forkserver_spec(max_children, backlog, spare_children=spares))
-        elif name == "socketserver":
-            specs.append(socketserver_spec(max_children, backlog))
-        elif name == "python-floor":
-            specs.append(python_floor_spec(backlog))
-        elif name == "tcpserver":
-            spec = tcpserver_spec(max_children, backlog)
-            if spec is None:
-                print(
-                    "tcpserver not installed (apt-get install ucspi-tcp): skipped", file=sys.stderr
-                )
-            else:
-                specs.append(spec)
+        make = _SPECS.get(name)
+        if make is None:
+            raise ValueError(f"unknown server {name!r}: one of {', '.join(SERVER_NAMES)}")
+        spec = make(max_children, backlog)
+        if spec is None:
+            print(_MISSING[name], file=sys.stderr)
         else:
-            raise ValueError(
-                f"unknown server {name!r}: forkserver, forkserver-pool, socketserver, "
-                "python-floor or tcpserver"
-            )
+            specs.append(spec)
     return specs
 
 
@@ -187,6 +215,16 @@ class RunningServer:
         """(parent, reaped children) CPU seconds, user + system, so far."""
         t = self._process.cpu_times()
         return t.user + t.system, t.children_user + t.children_system
+
+    def faults(self) -> int:
+        """Minor page faults so far: the parent's own plus its reaped children's.
+
+        Fields 10 and 11 of /proc/PID/stat (minflt, cminflt); after the
+        command name, which may itself hold spaces or parentheses.
+        """
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[7]) + int(fields[8])
 
     def rss(self) -> int:
         """The parent's resident set size in bytes."""

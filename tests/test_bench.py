@@ -9,8 +9,10 @@ Never timings: benchmarks measure, tests do not.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,7 +27,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.conftest import ROOT, StartServer, config
+from tests.conftest import ROOT, StartServer, config, echo_roundtrip
 
 TAG = "FORKSERVER_BENCH_SMOKE"
 REPORT_HEADINGS = (
@@ -51,10 +53,12 @@ def _tagged(tag: str) -> list[psutil.Process]:
     return found
 
 
-def run_bench(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+def run_bench(
+    *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``python ARGS`` from the repo root; assert nothing it started is left."""
     tag = uuid.uuid4().hex
-    env = {**os.environ, "PYTHONPATH": str(ROOT), TAG: tag}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), TAG: tag, **(env or {})}
     proc = subprocess.Popen(
         [sys.executable, *args],
         cwd=ROOT,
@@ -92,6 +96,10 @@ def _load_json(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     )
     assert report["elapsed_s"] > 0
     return report
+
+
+def _has_cc() -> bool:
+    return any(shutil.which(c) for c in ("cc", "gcc", "clang"))
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +180,161 @@ def test_load_reports_errors_by_kind(start_server: StartServer) -> None:
     assert result.returncode == 2
 
 
+HTTP_GET = r"GET /x HTTP/1.0\r\n\r\n"
+
+
+@pytest.mark.timeout(60)
+def test_load_send_and_expect(start_server: StartServer, tmp_path: Path) -> None:
+    server = start_server(config("forkserver.examples.http:HTTPHandler"))
+    port = str(server.tcp_address[1])
+    base = ("-m", "bench.load", "--port", port, "-c", "2", "-n", "20", "--json")
+
+    result = run_bench(*base, "--send", HTTP_GET, "--expect", "HTTP/1.0 200 OK\\r\\n")
+    assert result.returncode == 0, result.stderr
+    report = _load_json(result)
+    assert (report["connections"], report["errors_total"]) == (20, 0), report["errors"]
+    assert report["first_unexpected_reply"] is None
+    assert report["config"]["send"] == "GET /x HTTP/1.0\\r\\n\\r\\n"
+
+    request = tmp_path / "request.http"
+    request.write_bytes(b"HEAD /y HTTP/1.0\r\n\r\n")
+    result = run_bench(
+        *base, "--send-file", str(request), "--expect", r"re:(?s)^HTTP/1\.0 200 .*\r\n\r\n$"
+    )
+    assert result.returncode == 0, result.stderr
+    assert _load_json(result)["connections"] == 20
+
+    # A request the service refuses: every reply is a 501, so every connection fails.
+    result = run_bench(*base, "--send", "BREW / HTTP/1.0\\r\\n\\r\\n", "--expect", "HTTP/1.0 200")
+    assert result.returncode == 1
+    report = _load_json(result)
+    assert report["connections"] == 0
+    assert report["errors"] == {"unexpected_reply": 20}
+    shown = report["first_unexpected_reply"]
+    assert shown.startswith("HTTP/1.0 501 Not Implemented\\r\\nServer: ")
+    assert len(shown) < 250  # truncated
+
+    result = run_bench(*base[:-1], "--send", "\\u20ac", "--expect", "x")  # not a byte
+    assert result.returncode == 2
+    assert "bad escape" in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_load_line_framed_keepalive(start_server: StartServer) -> None:
+    port = str(start_server(config("tests.services:LineEcho")).tcp_address[1])
+    keep = ["-m", "bench.load", "--port", port, "--mode", "keepalive", "--framing", "line"]
+    keep += ["--rounds", "5", "-c", "2", "-n", "10", "--json"]
+
+    result = run_bench(*keep, "--send", "PING 1\\r\\n", "--expect", "PING 1\\r\\n")
+    assert result.returncode == 0, result.stderr
+    report = _load_json(result)
+    assert (report["connections"], report["requests"]) == (10, 50)
+    assert report["errors_total"] == 0, report["errors"]
+
+    result = run_bench(*keep, "--payload", "100")  # random printable line, echo checked
+    assert result.returncode == 0, result.stderr
+    assert _load_json(result)["requests"] == 50
+
+    # A line service that answers something else than expected: the first round fails.
+    result = run_bench(*keep, "--send", "PING\\n", "--expect", "PONG")
+    assert result.returncode == 1
+    report = _load_json(result)
+    assert report["errors"] == {"unexpected_reply": 10}
+    assert report["first_unexpected_reply"] == "PING\\n"
+
+
+@pytest.mark.timeout(30)
+def test_load_duration_is_kept(start_server: StartServer) -> None:
+    # Replies, then holds the connection open for 60 s: no EOF to wait for.
+    port = str(start_server(config("tests.services:greet_then_sleep")).tcp_address[1])
+    t0 = time.monotonic()
+    result = run_bench("-m", "bench.load", "--port", port, "-c", "2", "-d", "1", "--no-verify",
+                       "--json")  # fmt: skip
+    took = time.monotonic() - t0
+    assert result.returncode == 1  # nothing completed
+    report = _load_json(result)
+    assert report["connections"] == 0
+    assert report["errors_total"] == 0, report["errors"]
+    assert report["unfinished"] == 2
+    assert took < 1 + 1 + 2.5, f"asked for 1 s, took {took:.1f} s"  # grace 1 s, start-up
+
+
+@pytest.mark.timeout(30)
+def test_lean_floor_echoes_and_reaps_when_idle() -> None:
+    from bench.servers import python_floor_spec, serve
+
+    with serve(python_floor_spec(backlog=16)) as server:
+        assert server.spec.argv[1:3] == ["-S", "-I"]
+        for i in range(5):
+            payload = os.urandom(1000 * i)
+            assert echo_roundtrip(server.address, payload) == payload
+        # The last children exit after the last accept: reaped without a new one.
+        assert server.settle(timeout=5), server.children()
+        assert server.faults() > 0
+
+
+@pytest.mark.timeout(60)
+def test_churn_client() -> None:
+    from bench.build import PEERS, built, cache_dir
+    from bench.common import run_generator
+    from bench.servers import c_floor_spec, serve
+
+    if not _has_cc():
+        pytest.skip("no C compiler")
+    churn = built(PEERS / "churn.c")
+    assert churn is not None
+    assert churn.parent == cache_dir() and ROOT not in churn.parents  # nothing tracked
+    spec = c_floor_spec(backlog=64)
+    assert spec is not None
+    with serve(spec) as server:
+        argv = [str(churn), "-c", "4", "-d", "0.5", "-p", "300", *map(str, server.address)]
+        report = run_generator(argv, time_limit=30)
+    assert report["tool"] == "churn"
+    assert report["connections"] > 0
+    assert report["errors_total"] == 0, report["errors"]
+    assert set(report["latency_ms"]) == LATENCY_KEYS
+    assert report["latency_ms"]["p50"] <= report["latency_ms"]["p99"]
+    assert report["generator_cpu"]["total_s"] > 0
+    with socket.socket() as sock:  # a port nobody listens on (for this instant)
+        sock.bind(("127.0.0.1", 0))
+        free = str(sock.getsockname()[1])
+    report = run_generator([str(churn), "-c", "1", "-d", "0.2", "127.0.0.1", free], 30)
+    assert report["connections"] == 0
+    assert set(report["errors"]) == {"refused"}
+
+
 @pytest.mark.timeout(90)
+def test_compare_out_help_and_columns(tmp_path: Path) -> None:
+    help_text = run_bench("-m", "bench.compare", "--help").stdout
+    for name in ("forkserver", "forkserver-pool", "socketserver", "tcpserver", "python-floor",
+                 "python-sigchld", "c-floor"):  # fmt: skip
+        assert name in help_text
+    tracked = ROOT / "bench" / "results" / "compare-latest.json"
+    before = tracked.stat().st_mtime_ns if tracked.exists() else None
+    cache = tmp_path / "cache"
+    result = run_bench(
+        "-m", "bench.compare", "--servers", "forkserver-pool,python-floor", "--rounds", "1",
+        "--concurrency", "1", "--duration", "0.5", "--warmup", "0", "--generator", "python",
+        env={"XDG_CACHE_HOME": str(cache)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads((cache / "forkserver-bench" / "results" / "compare-latest.json").read_text())
+    assert data["settings"]["generator"] == "bench.load"
+    assert (tracked.stat().st_mtime_ns if tracked.exists() else None) == before
+    lines = result.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("conc "))
+    rows = lines[start : start + 3]
+    assert len({len(line) for line in rows}) == 1, rows  # right-aligned to the same width
+    third_ends = {[m.end() for m in re.finditer(r"\S+", line)][2] for line in rows}
+    assert len(third_ends) == 1, rows  # conn/s right-aligned under its heading
+    if importlib.util.find_spec("matplotlib") is None:
+        said = [
+            line for line in (result.stdout + result.stderr).splitlines() if "matplotlib" in line
+        ]
+        assert len(said) == 1, said
+
+
+@pytest.mark.timeout(120)
 def test_compare(out_dir: Path) -> None:
     result = run_bench(
         "-m", "bench.compare", "--rounds", "1", "--concurrency", "1,8", "--duration", "1",
@@ -180,22 +342,34 @@ def test_compare(out_dir: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     data = json.loads((out_dir / "compare-latest.json").read_text())
-    expected = {"forkserver", "forkserver-pool", "socketserver", "python-floor"} | (
-        {"tcpserver"} if shutil.which("tcpserver") else set()
-    )
+    expected = {"forkserver", "forkserver-pool", "socketserver", "python-floor", "python-sigchld"}
+    expected |= {"tcpserver"} if shutil.which("tcpserver") else set()
+    expected |= {"c-floor"} if _has_cc() else set()
     assert set(data["summary"]) == expected
+    assert data["settings"]["generator"] == ("churn.c" if _has_cc() else "bench.load")
     for name in expected:
         for c in ("1", "8"):
             row = data["summary"][name][c]
             assert row["conn_per_s"] > 0
             assert row["errors_total"] == 0
             assert row["p50_ms"] <= row["p99_ms"]
+            assert row["faults_per_conn"] > 0  # every fork costs the server page faults
+            assert row["load_us_per_conn"] > 0
+            assert row["children_us_per_conn"] > 0
         assert data["ratios"][name]["8"]["conn_per_s"] > 0
     assert data["ratios"]["socketserver"]["1"]["conn_per_s"] == 1.0
     assert len(data["runs"]) == 2 * len(expected)
     assert data["machine"]["cores"] == os.cpu_count()
     assert len(list(out_dir.glob("compare-2*.json"))) == 1
     assert "forkserver" in result.stdout and "conn/s" in result.stdout
+    # The targets: forkserver and the pool over each reference that ran.
+    refs = {"python-floor"} | ({"tcpserver"} & expected)
+    pairs = {(t["server"], t["reference"]) for t in data["targets"]}
+    assert pairs == {(s, r) for s in ("forkserver", "forkserver-pool") for r in refs}
+    for t in data["targets"]:
+        assert t["conn_per_s_8"] > 0 and t["p50_ms_1"] > 0 and t["faults_per_conn"] > 0
+        assert t["conn_per_s_32"] is None  # not measured in this run
+    assert "forkserver-pool / python-floor" in result.stdout
 
 
 @pytest.mark.timeout(90)

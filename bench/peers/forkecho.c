@@ -1,14 +1,13 @@
 /* The floor of fork-per-connection on this machine: a minimal C echo server.
  *
  * accept, fork, the child echoes until EOF and _exits, the parent closes its
- * copy and reaps on SIGCHLD. No Python anywhere, so what bench.load measures
- * against it is the kernel's fork/exit cost plus the load generator's:
+ * copy and reaps on SIGCHLD. No Python anywhere, so what a load generator
+ * measures against it is the kernel's fork/exit cost plus the generator's.
+ * bench.compare runs it as "c-floor", built at run time (bench/build.py):
  *
  *   gcc -O2 -o /tmp/forkecho bench/peers/forkecho.c
- *   /tmp/forkecho &          # prints "listening on 127.0.0.1:PORT"
+ *   /tmp/forkecho [BACKLOG] &   # prints "listening on 127.0.0.1:PORT" (port 0)
  *   python -m bench.load --port PORT -c 8 -d 5 --payload 64
- *
- * Not part of bench.compare: it is the ceiling, not a peer a user would run.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -19,11 +18,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 static void reap(int s) { (void)s; while (waitpid(-1, NULL, WNOHANG) > 0) {} }
-int main(void) {
+int main(int argc, char **argv) {
     int l = socket(AF_INET, SOCK_STREAM, 0), one = 1;
     setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    if (bind(l, (void *)&a, sizeof a) || listen(l, 128)) return 1;
+    if (bind(l, (void *)&a, sizeof a) || listen(l, argc > 1 ? atoi(argv[1]) : 128)) return 1;
     socklen_t n = sizeof a; getsockname(l, (void *)&a, &n);
     fprintf(stderr, "listening on 127.0.0.1:%d\n", ntohs(a.sin_port));
     struct sigaction sa = {.sa_handler = reap, .sa_flags = SA_RESTART};
