@@ -235,9 +235,8 @@ class ServerFactory:
             path = self._dir / f"server{len(self.servers)}.toml"
             path.write_text(config)
             argv += ["--config", str(path)]
-        return self._launch(
+        server = self.command(
             [*argv, *args],
-            path,
             handler=handler,
             ready=ready,
             ready_timeout=ready_timeout,
@@ -245,6 +244,8 @@ class ServerFactory:
             cwd=cwd,
             stop_timeout=stop_timeout,
         )
+        server.config_path = path
+        return server
 
     def command(
         self,
@@ -261,33 +262,11 @@ class ServerFactory:
         """Start *argv*, a command that becomes a forkserver (a wrapper that
         execs it, the installed ``forkserver`` script), with exactly *env*
         (default: this process's); otherwise as :meth:`start`."""
-        return self._launch(
-            argv,
-            None,
-            handler=handler,
-            ready=ready,
-            ready_timeout=ready_timeout,
-            env=env,
-            cwd=cwd,
-            stop_timeout=stop_timeout,
-            **popen,
-        )
-
-    def _launch(
-        self,
-        argv: Sequence[str],
-        config_path: Path | None,
-        *,
-        handler: str,
-        ready: bool,
-        ready_timeout: float,
-        stop_timeout: float | None,
-        **kwargs: Any,
-    ) -> ServerProcess:
         if stop_timeout is None:
             stop_timeout = 30.0 + SERVER_KILL_TIMEOUT + 10.0  # the server's defaults
-        server = ServerProcess(argv, handler=handler, stop_timeout=stop_timeout, **kwargs)
-        server.config_path = config_path
+        server = ServerProcess(
+            argv, handler=handler, stop_timeout=stop_timeout, env=env, cwd=cwd, **popen
+        )
         self.servers.append(server)
         if ready:
             try:
