@@ -260,8 +260,6 @@ DATAGRAM_PID_ECHO = f"{SERVICES}:datagram_pid_echo"
 LISTENING = re.compile(r"\[(\d+)\] .*listening on (\S+)(.*)$")
 
 
-
-
 def listening_since(server: ServerProcess, mark: int, pid: int | None = None) -> list[str]:
     """The address (and suffix) of each "listening on" line logged since line
     *mark* (by parent *pid*, if given), in order."""
