@@ -218,7 +218,9 @@ class ServerProcess:
         return status
 
     def wait(self, timeout: float | None = 30.0) -> int:
-        """Wait for the exit and return the status; TimeoutExpired after *timeout*."""
+        """Wait for the exit and return the status; TimeoutExpired after *timeout*.
+
+        Its children may still be running, and writing to the log."""
         status = self._proc.wait(timeout)
         self._reaped(status)
         self.status_taken = True
@@ -254,7 +256,9 @@ class ServerProcess:
                 pass  # exited just now; its status says how
             if not self.wait_exit(timeout):
                 self.kill_group()
-        return self.wait(None)
+        status = self.wait(None)
+        self._reaped(status, read_all=True)  # its children are gone too: the log is complete
+        return status
 
     def kill_group(self) -> None:
         """SIGKILL its process group (the process too), reap it, and close the log.
@@ -265,11 +269,15 @@ class ServerProcess:
             os.killpg(self.pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass  # nothing left in the group (a zombie leader does not count)
-        self._reaped(self._proc.wait())
+        self._reaped(self._proc.wait(), read_all=True)
 
-    def _reaped(self, status: int) -> None:
+    def _reaped(self, status: int, *, read_all: bool = False) -> None:
+        """Note the exit *status*; with *read_all*, wait (up to 5 s) for the end
+        of the output, which comes once whatever else holds it open (children
+        that outlive the process) has exited too."""
         if self._status is None:
             self._status = status
+        if read_all:
             self._reader.join(5.0)
             if self._output is not None and not self._reader.is_alive():
                 self._output.close()

@@ -88,6 +88,7 @@ class ServerProcess(process.ServerProcess):
             left = leaks.leftovers(self.pid)
             self._note_leftovers(left)
             leaks.kill_everything(self.pgid, left)
+            self._reaped(self.returncode, read_all=True)
             return self.returncode
         timeout = self.stop_timeout if timeout is None else timeout
         running_before = not self.wait_exit(0)
@@ -116,7 +117,7 @@ class ServerProcess(process.ServerProcess):
             )
         leaks.kill_everything(self.pgid, left)
         status = self._proc.wait()
-        self._reaped(status)
+        self._reaped(status, read_all=True)
         if status != 0 and not self.status_taken:
             when = "after SIGTERM" if running_before else "during the test"
             self.problems.append(f"it exited {when} with {leaks.status_text(status)} (expected 0)")
@@ -129,7 +130,7 @@ class ServerProcess(process.ServerProcess):
         self.reported = True  # the failure is reported now, not at teardown
         leaks.kill_everything(self.pgid, leaks.descendants(self.pid))
         status = self._proc.wait()
-        self._reaped(status)
+        self._reaped(status, read_all=True)
         if exited:
             return f"exited with {leaks.status_text(status)} before it was ready"
         return f"was not ready within {timeout:g} s"
