@@ -22,21 +22,21 @@ from forkserver import admission
 from forkserver.admission import Admission, parse_early_drop
 from forkserver.config import Settings
 from forkserver.server import LOG_INTERVAL
-from tests.conftest import (
+from tests.helpers.clients import (
+    accept_queue_length,
+    connect,
+    read_pid_greeting,
+    recv_to_eof,
+    recv_until,
+)
+from tests.helpers.processes import child_pids, idle_children, reaped
+from tests.helpers.servers import (
     FORK_ON_ACCEPT,
     MODES,
     POOL,
     ServerProcess,
     StartServer,
-    accept_queue_length,
-    child_pids,
     config,
-    connect,
-    idle_children,
-    read_pid_greeting,
-    reaped,
-    recv_to_eof,
-    recv_until,
     wait_until,
 )
 
@@ -370,7 +370,7 @@ class _ChildSampler:
 def test_denied_clients_get_the_busy_message_and_cost_no_fork(
     start_server: StartServer, mode: dict[str, Any]
 ) -> None:
-    server = start_server(_config("tests.services:PidEcho", deny=["127.0.0.0/8"], **mode))
+    server = start_server(_config("tests.helpers.services:PidEcho", deny=["127.0.0.0/8"], **mode))
     spares = idle_children(server, mode)
     with _ChildSampler(server) as sampler:
         ports = [_refused(server.tcp_address) for _ in range(30)]
@@ -391,7 +391,7 @@ def test_refused_client_that_speaks_first_still_gets_the_message(
     # Client-speaks-first protocols (HTTP): the request is unread when the
     # parent closes, so the kernel may end with a reset; the message must
     # still arrive whole, and the client must not hang.
-    server = start_server(_config("tests.services:PidEcho", deny=["127.0.0.0/8"]))
+    server = start_server(_config("tests.helpers.services:PidEcho", deny=["127.0.0.0/8"]))
     for _ in range(20):
         with connect(server.tcp_address, timeout=5) as sock:
             sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
@@ -408,7 +408,7 @@ def test_refused_client_that_speaks_first_still_gets_the_message(
 
 @pytest.mark.timeout(30)
 def test_allow_list_refuses_everyone_else(start_server: StartServer) -> None:
-    server = start_server(_config("tests.services:PidEcho", allow=["10.0.0.0/8"]))
+    server = start_server(_config("tests.helpers.services:PidEcho", allow=["10.0.0.0/8"]))
     port = _refused(server.tcp_address)
     server.wait_for_log(rf"refused 127\.0\.0\.1:{port}: not_allowed$")
     assert not child_pids(server.pid)
@@ -419,7 +419,7 @@ def test_allow_list_refuses_everyone_else(start_server: StartServer) -> None:
 def test_allow_and_deny_tell_real_peers_apart(start_server: StartServer) -> None:
     # Clients from 127.0.0.1, .2 and .3: allowed /30, minus a denied /32.
     server = start_server(
-        _config("tests.services:PidEcho", allow=["127.0.0.0/30"], deny=["127.0.0.2/32"])
+        _config("tests.helpers.services:PidEcho", allow=["127.0.0.0/30"], deny=["127.0.0.2/32"])
     )
     address = server.tcp_address
     for source in ("127.0.0.1", "127.0.0.3"):
@@ -437,7 +437,9 @@ def test_dual_stack_listener_filters_mapped_ipv4_clients_as_ipv4(
     start_server: StartServer,
 ) -> None:
     # One "::" listener serves both families; IPv4 clients arrive as ::ffff:a.b.c.d.
-    server = start_server(_config("tests.services:PidEcho", host="::", deny=["127.0.0.0/8"]))
+    server = start_server(
+        _config("tests.helpers.services:PidEcho", host="::", deny=["127.0.0.0/8"])
+    )
     port = server.tcp_address[1]
     refused_port = _refused(("127.0.0.1", port))
     server.wait_for_log(rf"refused \S*127\.0\.0\.1\S*:{refused_port}: deny$")
@@ -454,7 +456,7 @@ def test_dual_stack_listener_filters_mapped_ipv4_clients_as_ipv4(
 def test_per_source_limit_refuses_a_third_connection_until_one_closes(
     start_server: StartServer, mode: dict[str, Any]
 ) -> None:
-    server = start_server(_config("tests.services:PidEcho", per_source_limit=2, **mode))
+    server = start_server(_config("tests.helpers.services:PidEcho", per_source_limit=2, **mode))
     idle_children(server, mode)
     address = server.tcp_address
     held = [_served(address) for _ in range(2)]
@@ -481,7 +483,7 @@ def test_per_source_rate_refuses_a_burst_and_other_sources_are_served(
     rate, burst = 1.0, 2
     server = start_server(
         _config(
-            "tests.services:PidEcho",
+            "tests.helpers.services:PidEcho",
             host=["127.0.0.1", "::1"],
             per_source_rate=rate,
             per_source_burst=burst,
@@ -490,7 +492,7 @@ def test_per_source_rate_refuses_a_burst_and_other_sources_are_served(
     )
     idle_children(server, mode)
     v4 = server.tcp_address
-    [v6_port] = [int(a.rpartition(":")[2]) for a in server.addresses if a.startswith("[::1]")]
+    [v6_port] = [int(a.rpartition(":")[2]) for a in server.listening if a.startswith("[::1]")]
     v6 = ("::1", v6_port)
     started = time.monotonic()
     outcomes: list[str] = []
@@ -526,7 +528,7 @@ def test_per_source_rate_refuses_a_burst_and_other_sources_are_served(
 def test_refusal_log_lines_report_how_many_were_held_back(start_server: StartServer) -> None:
     # One line per reason per LOG_INTERVAL; the next one counts the refusals
     # not logged meanwhile.  (This test waits out one interval.)
-    server = start_server(config("tests.services:PidEcho", deny=["127.0.0.0/8"]))
+    server = start_server(config("tests.helpers.services:PidEcho", deny=["127.0.0.0/8"]))
     address = server.tcp_address
     for _ in range(7):
         _refused(address, "")
@@ -546,7 +548,7 @@ def test_when_full_refuse_answers_busy_at_once(
     start_server: StartServer, mode: dict[str, Any]
 ) -> None:
     settings = {"max_children": 1, "spare_children": min(1, mode.get("spare_children", 0))}
-    server = start_server(_config("tests.services:PidEcho", when_full="refuse", **settings))
+    server = start_server(_config("tests.helpers.services:PidEcho", when_full="refuse", **settings))
     idle_children(server, settings)
     address = server.tcp_address
     sock, pid = _served(address)
@@ -568,7 +570,7 @@ def test_when_full_wait_leaves_the_client_in_the_backlog_until_a_slot_frees(
     start_server: StartServer, mode: dict[str, Any]
 ) -> None:
     settings = {"max_children": 1, "spare_children": min(1, mode.get("spare_children", 0))}
-    server = start_server(_config("tests.services:PidEcho", **settings))
+    server = start_server(_config("tests.helpers.services:PidEcho", **settings))
     idle_children(server, settings)
     address = server.tcp_address
     sock, pid = _served(address)
@@ -593,7 +595,7 @@ def test_when_full_wait_leaves_the_client_in_the_backlog_until_a_slot_frees(
 def test_early_drop_refuses_everything_once_start_children_serve(
     start_server: StartServer, mode: dict[str, Any]
 ) -> None:
-    server = start_server(_config("tests.services:PidEcho", early_drop="1:100:2", **mode))
+    server = start_server(_config("tests.helpers.services:PidEcho", early_drop="1:100:2", **mode))
     idle_children(server, mode)
     address = server.tcp_address
     sock, pid = _served(address)  # no child serving yet: admitted

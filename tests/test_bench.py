@@ -14,22 +14,19 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
-from tests.conftest import ROOT, StartServer, config, echo_roundtrip
+from tests.helpers.bench import run_bench
+from tests.helpers.clients import echo_roundtrip
+from tests.helpers.servers import ROOT, StartServer, config
 
-TAG = "FORKSERVER_BENCH_SMOKE"
 REPORT_HEADINGS = (
     "## Machine",
     "## Issue 3 targets",
@@ -40,51 +37,6 @@ REPORT_HEADINGS = (
     "## Bulk",
 )
 LATENCY_KEYS = {"min", "p50", "p90", "p99", "p99.9", "max", "mean"}
-
-
-def _tagged(tag: str) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get(TAG) == tag:
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
-
-
-def run_bench(
-    *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run ``python ARGS`` from the repo root; assert nothing it started is left."""
-    tag = uuid.uuid4().hex
-    env = {**os.environ, "PYTHONPATH": str(ROOT), TAG: tag, **(env or {})}
-    proc = subprocess.Popen(
-        [sys.executable, *args],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    # Killed processes can take a moment to finish exiting.
-    deadline = time.monotonic() + 5
-    while (left := _tagged(tag)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for p in left:
-        p.kill()
-    assert not left, f"processes outlived {args}: {left}"
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _load_json(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
@@ -160,7 +112,7 @@ def test_load_counts_connections_and_unix(start_server: StartServer, tmp_path: P
 @pytest.mark.timeout(60)
 def test_load_reports_errors_by_kind(start_server: StartServer) -> None:
     # Not an echo: PidEcho answers with its pid first, so --verify must object.
-    server = start_server(config("tests.services:PidEcho"))
+    server = start_server(config("tests.helpers.services:PidEcho"))
     port = str(server.tcp_address[1])
     result = run_bench("-m", "bench.load", "--port", port, "-c", "2", "-n", "20", "--json")
     assert result.returncode == 1
@@ -221,7 +173,7 @@ def test_load_send_and_expect(start_server: StartServer, tmp_path: Path) -> None
 
 @pytest.mark.timeout(60)
 def test_load_line_framed_keepalive(start_server: StartServer) -> None:
-    port = str(start_server(config("tests.services:LineEcho")).tcp_address[1])
+    port = str(start_server(config("tests.helpers.services:LineEcho")).tcp_address[1])
     keep = ["-m", "bench.load", "--port", port, "--mode", "keepalive", "--framing", "line"]
     keep += ["--rounds", "5", "-c", "2", "-n", "10", "--json"]
 
@@ -246,7 +198,11 @@ def test_load_line_framed_keepalive(start_server: StartServer) -> None:
 @pytest.mark.timeout(30)
 def test_load_duration_is_kept(start_server: StartServer) -> None:
     # Replies, then holds the connection open for 60 s: no EOF to wait for.
-    port = str(start_server(config("tests.services:greet_then_sleep")).tcp_address[1])
+    port = str(
+        start_server(
+            config("tests.helpers.services:greet_then_sleep", graceful_timeout=1)
+        ).tcp_address[1]
+    )
     t0 = time.monotonic()
     result = run_bench("-m", "bench.load", "--port", port, "-c", "2", "-d", "1", "--no-verify",
                        "--json")  # fmt: skip

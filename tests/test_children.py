@@ -21,20 +21,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import (
-    READY,
-    ROOT,
-    StartServer,
-    child_pids,
-    config,
-    connect,
-    echo_roundtrip,
-    live_children,
-    recv_to_eof,
-    wait_until,
-    zombie_children,
-)
-from tests.test_transports import listen, server_table, udp_at, udp_client
+from forkserver.testing.process import READY
+from tests.helpers.clients import connect, echo_roundtrip, recv_to_eof
+from tests.helpers.processes import child_pids, live_children, zombie_children
+from tests.helpers.servers import ROOT, StartServer, config, wait_until
+from tests.helpers.transports import listen, server_table, udp_at, udp_client
 
 DATAGRAM_ECHO = "forkserver.examples.echo:DatagramEchoHandler"
 

@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
 import forkserver
-from tests.conftest import (
-    ROOT,
-    ServerProcess,
-    StartServer,
-    config,
-    echo_roundtrip,
-    group_members,
-    occupy_port,
-    run_forkserver,
-)
-from tests.services import DEBUG_RECORD, WARNING_RECORD
+from forkserver.testing.pytest_plugin import ServerFactory
+from tests.helpers.clients import echo_roundtrip, occupy_port
+from tests.helpers.servers import ROOT, ServerProcess, StartServer, config, run_forkserver
+from tests.helpers.services import DEBUG_RECORD, WARNING_RECORD
 
 ECHO = "forkserver.examples.echo:EchoHandler"
 CONSOLE_SCRIPT = Path(sys.prefix) / "bin" / "forkserver"
@@ -104,7 +95,7 @@ def test_port_0_log_line_reports_the_real_bound_port(start_server: StartServer) 
     server = start_server(config())
     host, port = server.tcp_address
     assert port != 0
-    assert server.addresses == [f"127.0.0.1:{port}"]
+    assert server.listening == [f"127.0.0.1:{port}"]
     listening = [
         c.laddr
         for c in psutil.Process(server.pid).net_connections(kind="tcp")
@@ -133,7 +124,7 @@ def test_flags_override_the_config_file(start_server: StartServer) -> None:
             "--port",
             "0",
             "--handler",
-            "tests.services:DebugEcho",
+            "tests.helpers.services:DebugEcho",
             "--max-children",
             "3",
             "--log-level",
@@ -143,7 +134,7 @@ def test_flags_override_the_config_file(start_server: StartServer) -> None:
         assert host == "127.0.0.1"
         assert port not in (0, taken.getsockname()[1])
     assert re.search(
-        r"forkserver ready: pid \d+, handler tests\.services:DebugEcho, "
+        r"forkserver ready: pid \d+, handler tests\.helpers\.services:DebugEcho, "
         r"max_children 3, spare_children 0$",
         server.log,
         re.M,
@@ -175,7 +166,7 @@ def test_backlog_flag_overrides_the_config_file(start_server: StartServer) -> No
 
 
 def test_default_log_level_hides_debug_records(start_server: StartServer) -> None:
-    server = start_server(config(handler="tests.services:DebugEcho"))
+    server = start_server(config(handler="tests.helpers.services:DebugEcho"))
     assert echo_roundtrip(server.tcp_address, b"quiet") == b"quiet"
     # The child writes the DEBUG record (if enabled) before the WARNING one.
     server.wait_for_log(re.escape(WARNING_RECORD))
@@ -220,29 +211,9 @@ def test_sigterm_stops_cleanly_with_exit_0(start_server: StartServer) -> None:
     assert "Traceback" not in server.log
 
 
-@contextlib.contextmanager
-def _console_script_server(*args: str, cwd: Path) -> Iterator[ServerProcess]:
+def _console_script_server(forkserver: ServerFactory, *args: str, cwd: Path) -> ServerProcess:
     """The installed ``forkserver`` script, serving, run as a user would (no PYTHONPATH)."""
-    proc = subprocess.Popen(
-        [str(CONSOLE_SCRIPT), *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_user_env(),
-        cwd=cwd,
-        start_new_session=True,
-    )
-    server = ServerProcess(proc)
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.kill_group()
-        leftovers = group_members(server.pid)
-        for p in leftovers:
-            p.kill()
-        assert not leftovers, f"processes outlived the test: {leftovers}"
+    return forkserver.command([str(CONSOLE_SCRIPT), *args], env=_user_env(), cwd=cwd, stdout=False)
 
 
 MYMOD = '''\
@@ -254,10 +225,11 @@ def handler(conn, addr):
 
 
 def test_handler_module_in_working_directory_is_importable_via_console_script(
-    tmp_path: Path,
+    forkserver: ServerFactory, tmp_path: Path
 ) -> None:
     (tmp_path / "mymod.py").write_text(MYMOD)
-    with _console_script_server("--handler", "mymod:handler", "--port", "0", cwd=tmp_path) as srv:
-        assert "handler mymod:handler" in srv.log
-        assert echo_roundtrip(srv.tcp_address, b"from cwd") == b"FROM CWD"
-        assert srv.stop() == 0
+    args = ("--handler", "mymod:handler", "--port", "0")
+    srv = _console_script_server(forkserver, *args, cwd=tmp_path)
+    assert "handler mymod:handler" in srv.log
+    assert echo_roundtrip(srv.tcp_address, b"from cwd") == b"FROM CWD"
+    assert srv.stop() == 0

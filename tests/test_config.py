@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from forkserver.config import ConfigError, Listen, Settings, load, reference_table
-from tests.conftest import assert_config_refused, run_forkserver
+from tests.helpers.servers import assert_config_refused, run_forkserver
 
 # -- Settings ---------------------------------------------------------------
 
@@ -330,9 +330,9 @@ CASES: dict[str, Bad] = {
         ('server.handler: "forkserver.examples.echo:BUFSIZE" is a', "not a class or function"),
     ),
     "handler-module-raises": Bad(
-        _handler("tests.broken_handler_module:Handler"),
+        _handler("tests.helpers.broken_handler_module:Handler"),
         (
-            "server.handler: importing 'tests.broken_handler_module' failed: "
+            "server.handler: importing 'tests.helpers.broken_handler_module' failed: "
             "RuntimeError: broken_handler_module refuses to load",
         ),
     ),

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, StartServer, config, connect, echo_roundtrip, recv_to_eof
+from tests.helpers.clients import connect, echo_roundtrip, recv_to_eof
+from tests.helpers.servers import ROOT, StartServer, config
 
 
 @pytest.mark.timeout(60)

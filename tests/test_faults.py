@@ -32,27 +32,32 @@ import pytest
 
 from forkserver.listeners import BACKOFF_SECONDS
 from forkserver.server import LOG_INTERVAL
-from tests.conftest import (
+from forkserver.testing.pytest_plugin import ServerFactory
+from tests.helpers.clients import (
+    accept_queue_length,
+    connect,
+    echo_roundtrip,
+    read_pid_greeting,
+    recv_to_eof,
+    recv_until,
+)
+from tests.helpers.processes import (
+    child_pids,
+    group_members,
+    idle_children,
+    live_children,
+    reaped,
+    zombie_children,
+)
+from tests.helpers.servers import (
     FORK_ON_ACCEPT,
     MODES,
     POOL,
     ROOT,
     ServerProcess,
     StartServer,
-    accept_queue_length,
-    child_pids,
     config,
-    connect,
-    echo_roundtrip,
-    group_members,
-    idle_children,
-    live_children,
-    read_pid_greeting,
-    reaped,
-    recv_to_eof,
-    recv_until,
     wait_until,
-    zombie_children,
 )
 
 BUSY = "busy, try later\r\n"
@@ -207,9 +212,11 @@ def public_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _start_unprivileged(config_text: str, directory: Path, nproc: int) -> ServerProcess:
-    """The real server as an unused uid, allowed *nproc* processes in all; the
-    caller must kill_group() it."""
+def _start_unprivileged(
+    forkserver: ServerFactory, config_text: str, directory: Path, nproc: int
+) -> ServerProcess:
+    """The real server as an unused uid, allowed *nproc* processes in all, not
+    yet ready; the caller must kill_group() it."""
     uid = _unused_uid()
     python = _python_for(uid, str(directory))
     path = directory / "server.toml"
@@ -223,20 +230,16 @@ def _start_unprivileged(config_text: str, directory: Path, nproc: int) -> Server
         f"resource.setrlimit(resource.RLIMIT_NPROC, ({nproc}, {nproc})); "
         "os.execv(sys.executable, [sys.executable, '-m', 'forkserver', *sys.argv[1:]])"
     )
-    proc = subprocess.Popen(
+    return forkserver.command(
         [python, "-c", exec_server, "--config", str(path)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        ready=False,
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
         cwd=directory,
-        start_new_session=True,
+        stdout=False,
         user=uid,
         group=uid,
         extra_groups=[],
     )
-    return ServerProcess(proc)
 
 
 @pytest.mark.timeout(60)
@@ -249,11 +252,11 @@ def _start_unprivileged(config_text: str, directory: Path, nproc: int) -> Server
     ],
 )
 def test_fork_failure_refuses_the_connection_and_serving_resumes(
-    public_dir: Path, mode: dict[str, Any]
+    forkserver: ServerFactory, public_dir: Path, mode: dict[str, Any]
 ) -> None:
     # Three processes for this uid: the parent and two children.
-    text = config("tests.services:PidEcho", max_children=10, **mode) + BUSY_TOML
-    server = _start_unprivileged(text, public_dir, nproc=3)
+    text = config("tests.helpers.services:PidEcho", max_children=10, **mode) + BUSY_TOML
+    server = _start_unprivileged(forkserver, text, public_dir, nproc=3)
     held: list[socket.socket] = []
     try:
         server.wait_ready()
@@ -269,7 +272,7 @@ def test_fork_failure_refuses_the_connection_and_serving_resumes(
         failed = server.wait_for_log(r"fork\(\) failed: Resource temporarily unavailable; ")
         assert f"[{server.pid}]" in failed
         server.wait_for_log(rf"refused 127\.0\.0\.1:{port}: fork_failed$")
-        assert server.proc.poll() is None
+        assert server.poll() is None
         # A child exits: its process slot is free, and the next client is served.
         held.pop(0).close()
         wait_until(lambda: reaped(pids[0]), 10, "the child to be reaped")
@@ -296,7 +299,7 @@ def test_fork_failure_refuses_the_connection_and_serving_resumes(
 def test_child_killed_mid_connection_is_reaped_and_logged(
     start_server: StartServer, mode: dict[str, Any]
 ) -> None:
-    server = start_server(config("tests.services:PidEcho", **mode))
+    server = start_server(config("tests.helpers.services:PidEcho", **mode))
     idle_children(server, mode)
     address = server.tcp_address
     with connect(address) as sock:
@@ -336,14 +339,14 @@ def _listening_on(port: int, pids: list[int]) -> list[int]:
 def test_sigkilled_parent_leaves_children_serving_and_the_port_free(
     start_server: StartServer, mode: dict[str, Any]
 ) -> None:
-    server = start_server(config("tests.services:PidEcho", **mode))
+    server = start_server(config("tests.helpers.services:PidEcho", **mode))
     idle_children(server, mode)
     address = server.tcp_address
     busy = [connect(address) for _ in range(2)]
     try:
         pids = [read_pid_greeting(sock) for sock in busy]
         os.kill(server.pid, signal.SIGKILL)
-        server.proc.wait(10)
+        server.wait(10)
         # Idle spares (pool) see the handoff socket close and exit; the busy
         # children live on, and none of them holds the listener.
         wait_until(
@@ -373,17 +376,17 @@ def test_sigkilled_parent_leaves_children_serving_and_the_port_free(
 def test_a_new_server_binds_the_port_of_a_sigkilled_one_at_once(
     start_server: StartServer, mode: dict[str, Any]
 ) -> None:
-    server = start_server(config("tests.services:PidEcho", **mode))
+    server = start_server(config("tests.helpers.services:PidEcho", **mode))
     idle_children(server, mode)
     port = server.tcp_address[1]
     busy = connect(server.tcp_address)
     try:
         read_pid_greeting(busy)
         os.kill(server.pid, signal.SIGKILL)
-        server.proc.wait(10)
+        server.wait(10)
         # The real thing: a second forkserver on the same port while the first
         # one's orphan is still serving.
-        second = start_server(config("tests.services:PidEcho", port=port, **mode))
+        second = start_server(config("tests.helpers.services:PidEcho", port=port, **mode))
         assert second.tcp_address == ("127.0.0.1", port)
         with connect(second.tcp_address) as sock:
             assert read_pid_greeting(sock) in child_pids(second.pid)

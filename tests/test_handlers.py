@@ -20,8 +20,9 @@ import pytest
 
 import forkserver
 from forkserver.handlers import import_handler
-from tests.conftest import StartServer, config, echo_roundtrip, occupy_port, wait_until
-from tests.services import AddressReply, SocketserverEcho, echo_function
+from tests.helpers.clients import echo_roundtrip, occupy_port
+from tests.helpers.servers import StartServer, config, wait_until
+from tests.helpers.services import AddressReply, SocketserverEcho, echo_function
 
 # Every byte value, lines of several lengths, and a last line with no newline.
 PAYLOAD = bytes(range(256)) * 512 + b"\n".join(b"x" * n for n in range(300)) + b"\nno newline"
@@ -33,10 +34,10 @@ PAYLOAD = bytes(range(256)) * 512 + b"\n".join(b"x" * n for n in range(300)) + b
 @pytest.mark.parametrize(
     "handler",
     [
-        "tests.services:SocketserverEcho",  # socketserver.BaseRequestHandler subclass
-        "tests.services:SocketserverLineEcho",  # socketserver.StreamRequestHandler subclass
-        "tests.services:echo_function",  # plain function handler(conn, addr)
-        "tests.services:LineEcho",  # forkserver.StreamHandler, rfile/wfile
+        "tests.helpers.services:SocketserverEcho",  # socketserver.BaseRequestHandler subclass
+        "tests.helpers.services:SocketserverLineEcho",  # socketserver.StreamRequestHandler subclass
+        "tests.helpers.services:echo_function",  # plain function handler(conn, addr)
+        "tests.helpers.services:LineEcho",  # forkserver.StreamHandler, rfile/wfile
     ],
 )
 def test_handler_echoes_exactly_under_the_cli(start_server: StartServer, handler: str) -> None:
@@ -52,7 +53,7 @@ def test_handler_echoes_exactly_under_the_cli(start_server: StartServer, handler
 
 def test_import_handler_resolves_dotted_attribute() -> None:
     assert import_handler("forkserver.handlers:StreamHandler") is forkserver.StreamHandler
-    assert import_handler("tests.services:echo_function") is echo_function
+    assert import_handler("tests.helpers.services:echo_function") is echo_function
     assert import_handler("forkserver:Server.shutdown") is forkserver.Server.shutdown
 
 

@@ -1,7 +1,7 @@
 """The HAProxy recipe end to end: HAProxy in TCP mode in front of three
 forkserver instances that speak the PROXY protocol (v2, health checks included).
 
-Each instance runs ``tests.transport_services:tagged_reply`` with its own tag,
+Each instance runs ``tests.helpers.transport_services:tagged_reply`` with its own tag,
 so a reply says which instance served it and which client address the
 handler saw.  HAProxy's frontend is a socket this test binds on port 0 and
 hands over as an inherited descriptor (``bind fd@N``): no port is guessed.
@@ -22,14 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
-    ROOT,
-    ServerProcess,
-    StartServer,
-    kill_group_and_wait,
-    recv_to_eof,
-    wait_until,
-)
+from forkserver.testing.leaks import kill_everything
+from tests.helpers.clients import recv_to_eof
+from tests.helpers.servers import ROOT, ServerProcess, StartServer, wait_until
 
 
 def _find_haproxy() -> str | None:
@@ -46,7 +41,7 @@ pytestmark = pytest.mark.skipif(
     HAPROXY is None, reason="haproxy is not installed: these tests run it in front of forkserver"
 )
 
-TAGGED = "tests.transport_services:tagged_reply"
+TAGGED = "tests.helpers.transport_services:tagged_reply"
 # A line the instances log at WARNING or above: a PROXY header they could not
 # read, a handler that failed, a child that died.
 COMPLAINT = re.compile(r"\[\d+\] (WARNING|ERROR|CRITICAL) ")
@@ -98,7 +93,8 @@ class Haproxy:
         return self._log.read_text(errors="replace")
 
     def kill(self) -> None:
-        kill_group_and_wait(self.proc)
+        kill_everything(self.proc.pid)
+        self.proc.wait(10)
 
 
 # The documented recipe (conf/haproxy.cfg, shown in the README) with this

@@ -19,19 +19,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import (
-    MODES,
-    ServerProcess,
-    StartServer,
-    config,
-    connect,
-    echo_roundtrip,
-    idle_children,
-    read_pid_greeting,
-    reaped,
-    recv_to_eof,
-    wait_until,
-)
+from tests.helpers.clients import connect, echo_roundtrip, read_pid_greeting, recv_to_eof
+from tests.helpers.processes import idle_children, reaped
+from tests.helpers.servers import MODES, ServerProcess, StartServer, config, wait_until
 
 HTTP = "forkserver.examples.http:HTTPHandler"
 
@@ -193,7 +183,7 @@ def _reset_mid_transfer(address: tuple[str, int]) -> tuple[int, int]:
 def test_reset_mid_transfer_ends_the_child_and_serving_goes_on(
     start_server: StartServer, mode: dict[str, Any]
 ) -> None:
-    server = start_server(config("tests.services:pid_then_echo", **mode))
+    server = start_server(config("tests.helpers.services:pid_then_echo", **mode))
     idle_children(server, mode)
     address = server.tcp_address
     for _ in range(3):

@@ -4,7 +4,7 @@ max_lifetime in forkserver/server.py), end to end.
 Each test starts the real server with one setting and checks what the client
 sees (EOF within a bound), what the log says and why, how the child ended, and
 what the child itself reports about its limits and identity (the
-``tests.services:report`` handler), in both serving modes.
+``tests.helpers.services:report`` handler), in both serving modes.
 """
 
 from __future__ import annotations
@@ -21,21 +21,21 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.conftest import (
+from tests.helpers.clients import (
+    connect,
+    echo_roundtrip,
+    read_pid_greeting,
+    recv_to_eof,
+    recv_until,
+)
+from tests.helpers.processes import idle_children, live_children, reaped
+from tests.helpers.servers import (
     FORK_ON_ACCEPT,
     MODES,
     POOL,
     ServerProcess,
     StartServer,
     config,
-    connect,
-    echo_roundtrip,
-    idle_children,
-    live_children,
-    read_pid_greeting,
-    reaped,
-    recv_to_eof,
-    recv_until,
     wait_until,
 )
 
@@ -45,7 +45,7 @@ NOBODY = 65534  # nobody, and nogroup, on Debian
 def _exited_normally(server: ServerProcess, pid: int) -> bool:
     """After the server has stopped: whether *pid*'s end went unremarked
     (the parent logs every non-zero status and every death by signal)."""
-    assert server.proc.poll() is not None, "stop the server first: the log must be complete"
+    assert server.poll() is not None, "stop the server first: the log must be complete"
     return not re.search(rf"child {pid} for .* (exit status|killed by)", server.log)
 
 
@@ -66,7 +66,7 @@ def _all_children_run_as(server: ServerProcess, uid: int, gid: int | None = None
 
 
 def _report(address: tuple[str, int], path: str = "") -> dict[str, Any]:
-    """Ask a tests.services:report child about itself."""
+    """Ask a tests.helpers.services:report child about itself."""
     with connect(address) as sock:
         sock.sendall(path.encode() + b"\n")
         facts: dict[str, Any] = json.loads(recv_to_eof(sock))
@@ -81,7 +81,7 @@ def _report(address: tuple[str, int], path: str = "") -> dict[str, Any]:
 def test_idle_timeout_disconnects_a_silent_client_and_the_child_exits_0(
     start_server: StartServer, mode: dict[str, Any]
 ) -> None:
-    server = start_server(config("tests.services:pid_then_echo", idle_timeout=1, **mode))
+    server = start_server(config("tests.helpers.services:pid_then_echo", idle_timeout=1, **mode))
     idle_children(server, mode)
     address = server.tcp_address
     with connect(address, timeout=10) as silent:
@@ -105,7 +105,7 @@ def test_idle_timeout_disconnects_a_silent_client_and_the_child_exits_0(
 def test_idle_timeout_is_not_taken_for_eof_by_a_stream_handler(
     start_server: StartServer,
 ) -> None:
-    server = start_server(config("tests.services:ReadTen", idle_timeout=1))
+    server = start_server(config("tests.helpers.services:ReadTen", idle_timeout=1))
     with connect(server.tcp_address, timeout=10) as sock:
         port = sock.getsockname()[1]
         sock.sendall(b"12345")  # half of what the handler waits for, then silence
@@ -120,7 +120,7 @@ def test_idle_timeout_is_not_taken_for_eof_by_a_stream_handler(
 def test_idle_timeout_bounds_each_wait_not_the_connection(start_server: StartServer) -> None:
     # A client that keeps talking is served for longer than idle_timeout.
     idle = 2.0
-    server = start_server(config("tests.services:PidEcho", idle_timeout=idle))
+    server = start_server(config("tests.helpers.services:PidEcho", idle_timeout=idle))
     with connect(server.tcp_address, timeout=10) as sock:
         pid = read_pid_greeting(sock)
         started = time.monotonic()
@@ -168,7 +168,7 @@ def _non_reader(address: tuple[str, int]) -> socket.socket:
 def test_send_timeout_disconnects_a_client_that_never_reads(
     start_server: StartServer, mode: dict[str, Any], timeouts: dict[str, float]
 ) -> None:
-    server = start_server(config("tests.services:write_64_mib", **timeouts, **mode))
+    server = start_server(config("tests.helpers.services:write_64_mib", **timeouts, **mode))
     idle_children(server, mode)
     with _non_reader(server.tcp_address) as sock:
         port = sock.getsockname()[1]
@@ -191,7 +191,7 @@ def test_send_timeout_disconnects_a_client_that_never_reads(
 def test_max_lifetime_terminates_a_child_that_never_ends(
     start_server: StartServer, mode: dict[str, Any]
 ) -> None:
-    server = start_server(config("tests.services:greet_then_sleep", max_lifetime=1, **mode))
+    server = start_server(config("tests.helpers.services:greet_then_sleep", max_lifetime=1, **mode))
     idle_children(server, mode)
     with connect(server.tcp_address, timeout=10) as sock:
         port = sock.getsockname()[1]
@@ -212,7 +212,7 @@ def test_max_lifetime_kills_a_child_that_ignores_sigterm(
     start_server: StartServer, mode: dict[str, Any]
 ) -> None:
     server = start_server(
-        config("tests.services:IgnoreTerm", max_lifetime=1, kill_timeout=0.5, **mode)
+        config("tests.helpers.services:IgnoreTerm", max_lifetime=1, kill_timeout=0.5, **mode)
     )
     idle_children(server, mode)
     with connect(server.tcp_address, timeout=10) as sock:
@@ -248,7 +248,7 @@ def test_each_child_gets_the_configured_rlimits(
 ) -> None:
     server = start_server(
         config(
-            "tests.services:report",
+            "tests.helpers.services:report",
             limit_open_files=16,
             limit_core_mb=0,
             limit_memory_mb=256,
@@ -272,7 +272,7 @@ def test_each_child_gets_the_configured_rlimits(
 
 @pytest.mark.timeout(60)
 def test_rlimits_are_inherited_when_not_configured(start_server: StartServer) -> None:
-    server = start_server(config("tests.services:report"))
+    server = start_server(config("tests.helpers.services:report"))
     facts = _report(server.tcp_address)
     parent = psutil.Process(server.pid)
     for name, kind in (("nofile", psutil.RLIMIT_NOFILE), ("core", psutil.RLIMIT_CORE)):
@@ -282,7 +282,7 @@ def test_rlimits_are_inherited_when_not_configured(start_server: StartServer) ->
 
 @pytest.mark.timeout(90)
 def test_limit_cpu_kills_a_spinning_child(start_server: StartServer) -> None:
-    server = start_server(config("tests.services:burn_cpu", limit_cpu=1, limit_core_mb=0))
+    server = start_server(config("tests.helpers.services:burn_cpu", limit_cpu=1, limit_core_mb=0))
     with connect(server.tcp_address, timeout=10) as sock:
         port = sock.getsockname()[1]
         pid = read_pid_greeting(sock)
@@ -298,7 +298,7 @@ def test_limit_cpu_kills_a_spinning_child(start_server: StartServer) -> None:
 def test_limit_memory_fails_a_large_allocation_and_allows_a_small_one(
     start_server: StartServer, mode: dict[str, Any]
 ) -> None:
-    server = start_server(config("tests.services:allocate", limit_memory_mb=96, **mode))
+    server = start_server(config("tests.helpers.services:allocate", limit_memory_mb=96, **mode))
     idle_children(server, mode)
     with connect(server.tcp_address) as sock:
         sock.sendall(b"16\n")
@@ -320,7 +320,9 @@ def test_limit_memory_fails_a_large_allocation_and_allows_a_small_one(
 def test_user_and_group_drop_root_in_every_child(
     start_server: StartServer, mode: dict[str, Any], group: str, gid: int
 ) -> None:
-    server = start_server(config("tests.services:report", user="nobody", group=group, **mode))
+    server = start_server(
+        config("tests.helpers.services:report", user="nobody", group=group, **mode)
+    )
     idle_children(server, mode)
     _all_children_run_as(server, NOBODY, gid)  # spares drop root before any connection
     facts = _report(server.tcp_address)
@@ -334,7 +336,7 @@ def test_user_and_group_drop_root_in_every_child(
 
 @pytest.mark.timeout(60)
 def test_group_alone_changes_only_the_group(start_server: StartServer) -> None:
-    server = start_server(config("tests.services:report", group="users"))
+    server = start_server(config("tests.helpers.services:report", group="users"))
     facts = _report(server.tcp_address)
     assert facts["resuid"] == [0, 0, 0]
     assert facts["resgid"] == [100, 100, 100]
@@ -347,7 +349,7 @@ def test_group_alone_changes_only_the_group(start_server: StartServer) -> None:
 def test_umask_applies_to_files_the_handler_creates(
     start_server: StartServer, mode: dict[str, Any], tmp_path: Path
 ) -> None:
-    server = start_server(config("tests.services:report", umask=0o027, **mode))
+    server = start_server(config("tests.helpers.services:report", umask=0o027, **mode))
     idle_children(server, mode)
     facts = _report(server.tcp_address, str(tmp_path / "created-by-the-child"))
     assert facts["umask"] == 0o027
@@ -359,7 +361,9 @@ def test_umask_applies_to_files_the_handler_creates(
 def test_limits_apply_to_every_child_under_concurrency(start_server: StartServer) -> None:
     # Several children at once, each must report the same limits and identity.
     server = start_server(
-        config("tests.services:report", user="nobody", limit_open_files=32, spare_children=2)
+        config(
+            "tests.helpers.services:report", user="nobody", limit_open_files=32, spare_children=2
+        )
     )
     results: list[dict[str, Any]] = []
     errors: list[BaseException] = []
@@ -387,7 +391,7 @@ def test_limits_apply_to_every_child_under_concurrency(start_server: StartServer
 @pytest.mark.timeout(60)
 def test_max_lifetime_always_sends_sigterm_first(start_server: StartServer) -> None:
     # Fractional lifetimes once lost the SIGTERM to float rounding.
-    server = start_server(config("tests.services:greet_then_sleep", max_lifetime=0.3))
+    server = start_server(config("tests.helpers.services:greet_then_sleep", max_lifetime=0.3))
     socks = [connect(server.tcp_address) for _ in range(4)]
     for sock in socks:
         recv_until(sock, b"\n")

@@ -13,15 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import (
-    StartServer,
-    config,
-    connect,
-    echo_roundtrip,
-    needs_ipv6,
-    recv_to_eof,
-    recv_until,
-)
+from tests.helpers.clients import connect, echo_roundtrip, needs_ipv6, recv_to_eof, recv_until
+from tests.helpers.servers import StartServer, config
 
 
 def _unix_address(addresses: list[str]) -> str:
@@ -43,7 +36,7 @@ def _stale_socket_file(path: Path) -> None:
 @pytest.mark.timeout(30)
 def test_ipv6_loopback_listener(start_server: StartServer) -> None:
     server = start_server(config(host=["::1"]))
-    [address] = server.addresses
+    [address] = server.listening
     assert re.fullmatch(r"\[::1\]:\d+", address), address
     host, port = server.tcp_address
     assert (host, port) == ("::1", int(address.rpartition(":")[2]))
@@ -58,7 +51,7 @@ def test_ipv6_loopback_listener(start_server: StartServer) -> None:
 @pytest.mark.timeout(30)
 def test_dual_stack_wildcard_accepts_ipv4_and_ipv6(start_server: StartServer) -> None:
     server = start_server(config(host=["::"]))
-    [address] = server.addresses
+    [address] = server.listening
     assert re.fullmatch(r"\[::\]:\d+", address), address
     _, port = server.tcp_address
     for host in ("127.0.0.1", "::1"):
@@ -102,7 +95,7 @@ def test_unix_listener_serves_with_mode_and_is_removed_on_stop(
 ) -> None:
     path = tmp_path / "s.sock"
     server = start_server(config(host=[], unix=str(path), unix_mode=0o600))
-    assert server.addresses == [f"unix:{path}"]
+    assert server.listening == [f"unix:{path}"]
     st = os.lstat(path)
     assert stat.S_ISSOCK(st.st_mode)
     assert stat.S_IMODE(st.st_mode) == 0o600
@@ -161,8 +154,8 @@ def test_tcp_and_unix_listeners_in_one_config_both_serve(
 ) -> None:
     path = tmp_path / "s.sock"
     server = start_server(config(host=["127.0.0.1"], unix=str(path)))
-    assert len(server.addresses) == 2, server.addresses
-    assert _unix_address(server.addresses) == str(path)
+    assert len(server.listening) == 2, server.listening
+    assert _unix_address(server.listening) == str(path)
     for address in (server.tcp_address, str(path)):
         payload = os.urandom(70_000)
         assert echo_roundtrip(address, payload) == payload, address
@@ -178,9 +171,9 @@ def test_tcp_and_unix_listeners_in_one_config_both_serve(
 
 @pytest.mark.timeout(60)
 def test_reuse_port_lets_two_servers_share_a_port(start_server: StartServer) -> None:
-    first = start_server(config("tests.services:PidEcho", reuse_port=True))
+    first = start_server(config("tests.helpers.services:PidEcho", reuse_port=True))
     port = first.tcp_address[1]
-    second = start_server(config("tests.services:PidEcho", reuse_port=True, port=port))
+    second = start_server(config("tests.helpers.services:PidEcho", reuse_port=True, port=port))
     assert second.tcp_address == first.tcp_address
     parents: set[int] = set()
     for _ in range(200):  # the kernel hashes each connection to one of them

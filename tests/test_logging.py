@@ -3,25 +3,33 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
-from tests.conftest import (
-    StartServer,
-    config,
-    connect,
-    echo_roundtrip,
-    recv_to_eof,
-    recv_until,
-    wait_until,
+from tests.helpers.clients import connect, echo_roundtrip, recv_to_eof, recv_until
+from tests.helpers.proxy import expected, proxied_at, v1, v2
+from tests.helpers.servers import ServerProcess, StartServer, config, wait_until
+from tests.helpers.transports import (
+    DATAGRAM_ECHO,
+    PROXY_REPORT,
+    listen,
+    server_table,
+    stop_clean,
+    stop_cleanly,
+    tcp_at,
+    udp_at,
+    udp_client,
+    unserved,
 )
 
 # forkserver's own line writer (the echo module does not import logging), and
-# stdlib logging (tests.services imports it): both must give the same output.
-HANDLERS = ["forkserver.examples.echo:EchoHandler", "tests.services:echo_function"]
+# stdlib logging (tests.helpers.services imports it): both must give the same output.
+HANDLERS = ["forkserver.examples.echo:EchoHandler", "tests.helpers.services:echo_function"]
 
 
 @pytest.mark.timeout(60)
@@ -44,7 +52,9 @@ def test_json_lines_with_access_log(start_server: StartServer, handler: str) -> 
 @pytest.mark.timeout(60)
 def test_access_log_records_refusals_and_killed_children(start_server: StartServer) -> None:
     server = start_server(
-        config("tests.services:PidEcho", access_log=True, per_source_limit=1, spare_children=1)
+        config(
+            "tests.helpers.services:PidEcho", access_log=True, per_source_limit=1, spare_children=1
+        )
     )
     held = connect(server.tcp_address)
     pid = int(recv_until(held, b"\n"))
@@ -75,3 +85,57 @@ def test_log_file_is_reopened_on_sigusr1(start_server: StartServer, tmp_path: Pa
     assert "stopped: all children have exited" in log_path.read_text()
     assert "stopped" not in (tmp_path / "server.log.1").read_text()
     assert server.log == ""  # nothing went to the old stderr once the file was open
+
+
+def access_lines(server: ServerProcess) -> list[str]:
+    marker = "forkserver.access: "
+    return [line.split(marker, 1)[1] for line in server.lines if marker in line]
+
+
+@pytest.mark.timeout(30)
+def test_access_log_has_a_line_for_a_proxy_header_refusal(start_server: StartServer) -> None:
+    server = start_server(
+        server_table(access_log=True, deny=["203.0.113.0/24"])
+        + listen(tcp="127.0.0.1:0", handler=PROXY_REPORT, proxy_protocol=True)
+    )
+    address = tcp_at(server, 0)
+    with connect(address) as sock:  # refused by deny: "PEER refused deny"
+        assert unserved(sock, v1("203.0.113.1", 1)) == b""
+    server.wait_for_log(r"access: 203\.0\.113\.1:1 refused deny$")
+    with connect(address) as sock:
+        port = sock.getsockname()[1]
+        assert unserved(sock, b"no header at all\r\n") == b""
+    server.wait_for_log(rf"PROXY header from 127\.0\.0\.1:{port}: ")
+    server.wait_for_log(rf"access: 127\.0\.0\.1:{port} refused proxy_header$", timeout=2)
+    stop_cleanly(server)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("settings", [{}, {"spare_children": 2}], ids=["fork", "pool"])
+def test_access_log_names_the_real_client_for_udp_and_proxy(
+    start_server: StartServer, settings: dict[str, Any]
+) -> None:
+    server = start_server(
+        server_table(access_log=True, **settings)
+        + listen(udp="127.0.0.1:0", handler=DATAGRAM_ECHO)
+        + listen(tcp="127.0.0.1:0", handler=PROXY_REPORT, proxy_protocol=True)
+    )
+    with udp_client() as client:
+        port = client.getsockname()[1]
+        client.sendto(b"12345", udp_at(server, 0))
+        assert client.recv(64) == b"12345"
+    assert proxied_at(tcp_at(server, 1), v2("2001:db8::5", 555) + b"abc") == expected(
+        "2001:db8::5", 555, b"abc"
+    )
+    stop_clean(server, settings)
+    lines = access_lines(server)
+    assert len(lines) == 2, lines
+    udp_line = next(line for line in lines if line.startswith("127.0.0.1:"))
+    assert re.fullmatch(
+        rf"127\.0\.0\.1:{port} pid \d+ \d+\.\d+s in 5 out - exit status 0", udp_line
+    )
+    proxy_line = next(line for line in lines if line.startswith("[2001:db8::5]:555 "))
+    # in: the header and the payload, read from the proxy's connection.
+    assert re.fullmatch(
+        r"\[2001:db8::5\]:555 pid \d+ \d+\.\d+s in \d+ out \d+ exit status 0", proxy_line
+    )

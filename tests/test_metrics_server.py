@@ -2,41 +2,29 @@
 
 from __future__ import annotations
 
-import re
 import signal
+import socket
 import subprocess
 import sys
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import (
-    ROOT,
-    StartServer,
-    config,
-    connect,
-    echo_roundtrip,
-    recv_to_eof,
-    recv_until,
-    wait_until,
+from tests.helpers.clients import connect, echo_roundtrip, recv_to_eof, recv_until
+from tests.helpers.metrics import metrics_url, scrape
+from tests.helpers.proxy import v1
+from tests.helpers.servers import ROOT, StartServer, config, wait_until
+from tests.helpers.transports import (
+    DATAGRAM_ECHO,
+    PROXY_REPORT,
+    listen,
+    read_until_closed,
+    server_table,
+    stop_cleanly,
+    tcp_at,
+    udp_ask,
+    udp_at,
+    unserved,
 )
-
-
-def _metrics_url(server) -> str:
-    line = server.wait_for_log(r"metrics on http://\S+/metrics")
-    return re.search(r"(http://\S+)/metrics", line).group(1)  # type: ignore[union-attr]
-
-
-def _scrape(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as reply:
-        assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        text = reply.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):  # the reference parser
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
 
 
 @pytest.mark.timeout(60)
@@ -45,25 +33,25 @@ def test_scrape_counts_connections_refusals_and_children(
     start_server: StartServer, spares: int
 ) -> None:
     server = start_server(
-        config("tests.services:PidEcho", metrics="127.0.0.1:0", per_source_limit=1,
+        config("tests.helpers.services:PidEcho", metrics="127.0.0.1:0", per_source_limit=1,
                spare_children=spares)
     )  # fmt: skip
-    base = _metrics_url(server)
+    base = metrics_url(server)
     ok = ("forkserver_children_exited_total", (("how", "ok"),))
     for i in range(3):
         with connect(server.tcp_address) as sock:
             recv_until(sock, b"\n")
         # The source's count drops when its child is reaped: wait for that.
         want = i + 1
-        wait_until(lambda: _scrape(base)[ok] == want, what="the child reaped")  # noqa: B023
+        wait_until(lambda: scrape(base)[ok] == want, what="the child reaped")  # noqa: B023
     held = connect(server.tcp_address)
     recv_until(held, b"\n")
     with connect(server.tcp_address) as refused:  # per_source_limit: one at a time
         assert recv_to_eof(refused) == b""
     # After a handoff half the spares are replaced at once, the rest soon after.
     idle = ("forkserver_children", (("state", "idle"),))
-    wait_until(lambda: _scrape(base)[idle] == spares, what="the spares replaced")
-    m = _scrape(base)
+    wait_until(lambda: scrape(base)[idle] == spares, what="the spares replaced")
+    m = scrape(base)
     assert m[("forkserver_connections_accepted_total", ())] == 5
     assert m[("forkserver_connections_refused_total", (("reason", "per_source_limit"),))] == 1
     assert m[("forkserver_children", (("state", "busy"),))] == 1
@@ -80,17 +68,58 @@ def test_scrape_counts_connections_refusals_and_children(
     assert "busy" in status.stdout
     held.close()
     # Scrapes are children too, but not connections: they never count as such.
-    assert _scrape(base)[("forkserver_connections_accepted_total", ())] == 5
+    assert scrape(base)[("forkserver_connections_accepted_total", ())] == 5
     assert server.stop() == 0
 
 
 @pytest.mark.timeout(60)
 def test_metrics_listener_survives_a_reload(start_server: StartServer) -> None:
     server = start_server(config(metrics="127.0.0.1:0"))
-    base = _metrics_url(server)
+    base = metrics_url(server)
     assert echo_roundtrip(server.tcp_address, b"x") == b"x"
     mark = len(server.lines)
     server.signal(signal.SIGHUP)
     server.wait_for_log("forkserver ready", 30, start=mark)
-    assert _scrape(base)[("forkserver_max_children", ())] == 1024  # same port, still served
+    assert scrape(base)[("forkserver_max_children", ())] == 1024  # same port, still served
     assert server.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_metrics_count_proxy_refusals_by_reason_and_datagrams_as_accepted(
+    start_server: StartServer,
+) -> None:
+    server = start_server(
+        server_table(metrics="127.0.0.1:0")
+        + listen(
+            tcp="127.0.0.1:0", handler=PROXY_REPORT, proxy_protocol=True,
+            proxy_trusted=["127.0.0.2/32"],
+        )
+        + listen(udp="127.0.0.1:0", handler=DATAGRAM_ECHO)
+    )  # fmt: skip
+    base = metrics_url(server)
+    proxy, udp = tcp_at(server, 0), udp_at(server, 1)
+    before = scrape(base)
+    assert not [k for k in before if k[0] == "forkserver_connections_refused_total"], before
+
+    def from_trusted(data: bytes) -> socket.socket:
+        sock = socket.create_connection(proxy, timeout=10, source_address=("127.0.0.2", 0))
+        sock.sendall(data)
+        return sock
+
+    with from_trusted(v1("192.0.2.1", 1) + b"ok") as sock:
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_to_eof(sock) == b"192.0.2.1 1\nok"
+    with from_trusted(b"GET / HTTP/1.0\r\n\r\n") as sock:  # no header at all
+        assert read_until_closed(sock) == b""
+    with connect(proxy) as sock:  # from 127.0.0.1: not trusted
+        assert unserved(sock, v1("192.0.2.2", 2) + b"untrusted") == b""
+    for i in range(3):
+        assert udp_ask(udp, b"%d" % i) == b"%d" % i
+    # Each refusal was counted before its connection was closed: no waiting.
+    m = scrape(base)
+    refused = {k[1]: v for k, v in m.items() if k[0] == "forkserver_connections_refused_total"}
+    assert refused == {(("reason", "proxy_header"),): 1, (("reason", "proxy_untrusted"),): 1}
+    assert m[("forkserver_connections_accepted_total", ())] == 3 + 3
+    ok = ("forkserver_children_exited_total", (("how", "ok"),))
+    wait_until(lambda: scrape(base)[ok] == 1 + 3, 20, "the served children to be reaped")
+    stop_cleanly(server)

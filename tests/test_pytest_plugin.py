@@ -1,4 +1,4 @@
-"""The pytest plugin (forkserver/pytest_plugin.py) as its users meet it.
+"""The pytest plugin (forkserver/testing/) as its users meet it.
 
 Example test files run in a pytest subprocess (pytester), which finds the
 plugin through its ``pytest11`` entry point, as a user's pytest does.  After
@@ -27,6 +27,8 @@ import pytest
 
 from forkserver import pytest_plugin
 from forkserver.pytest_plugin import ServerProcess
+from forkserver.testing import config, leaks
+from forkserver.testing.process import log_messages, parse_address
 
 pytest_plugins = ["pytester"]
 
@@ -78,7 +80,33 @@ def test_plugin_is_registered_through_its_entry_point(run: RunPytest) -> None:
             "*forkserver-* at *forkserver*pytest_plugin.py*",
         ]
     )
-    result.stdout.fnmatch_lines(["*fixtures defined from forkserver.pytest_plugin*", "forkserver*"])
+    result.stdout.fnmatch_lines(
+        ["*fixtures defined from forkserver.testing.pytest_plugin*", "forkserver*"]
+    )
+
+
+def test_old_module_path_reexports_without_registering_the_fixture_twice(
+    pytester: pytest.Pytester, run: RunPytest
+) -> None:
+    """``forkserver.pytest_plugin`` still has the public names, and naming it
+    as a plugin too defines no second ``forkserver`` fixture."""
+    pytester.makeconftest('pytest_plugins = ["forkserver.pytest_plugin"]\n')
+    pytester.makepyfile(
+        test_shim="""
+        import forkserver.pytest_plugin as shim
+        from forkserver.testing import pytest_plugin
+
+        def test_names():
+            assert shim.ServerProcess is pytest_plugin.ServerProcess
+            assert shim.ServerFactory is pytest_plugin.ServerFactory
+            assert shim.forkserver is pytest_plugin.forkserver
+        """
+    )
+    result = run("--fixtures", "-v")
+    result.stdout.no_fnmatch_line("*fixtures defined from forkserver.pytest_plugin*")
+    assert [line for line in result.outlines if line.startswith("forkserver ")] != []
+    assert len([line for line in result.outlines if line.startswith("forkserver ")]) == 1
+    assert run().ret == 0
 
 
 def test_echo_example_over_tcp_unix_and_json_logs(
@@ -329,22 +357,21 @@ def fake_server() -> Iterator[Callable[[str], ServerProcess]]:
 
     def start(setup: str, stop_timeout: float = 10.0) -> ServerProcess:
         code = FAKE_SERVER.format(setup=textwrap.dedent(setup))
-        server = pytest_plugin._spawn(
+        server = ServerProcess(
             [sys.executable, "-c", code],
             handler="fake",
             env=os.environ,
             stop_timeout=stop_timeout,
         )
         started.append(server)
-        assert server._wait_ready(10), server.log
-        spawned.extend(pytest_plugin._descendants(server.pid))
+        server.wait_ready(10)
+        spawned.extend(leaks.descendants(server.pid))
         return server
 
     yield start
     for server in started:
-        if server._status is None:  # not stopped (so not reaped) by the test
-            server._kill_everything([])
-            server._proc.wait(10)
+        if server.returncode is None:  # not stopped (so not reaped) by the test
+            server.kill_group()
     for process in spawned:
         if process.is_running():
             process.kill()
@@ -355,14 +382,14 @@ def test_fake_server_that_stops_cleanly_has_no_report(
 ) -> None:
     server = fake_server("signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))")
     assert server.address == ("127.0.0.1", 9)
-    assert server._stop(None) == 0
-    assert server._report() == ""
+    assert server.stop_checked() == 0
+    assert server.report() == ""
 
 
 def test_unreaped_child_is_reported(
     fake_server: Callable[[str], ServerProcess], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pytest_plugin, "ZOMBIE_GRACE", 0.3)
+    monkeypatch.setattr(leaks, "ZOMBIE_GRACE", 0.3)
     server = fake_server(
         """
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -372,8 +399,8 @@ def test_unreaped_child_is_reported(
         os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)
         """
     )
-    assert server._stop(None) == 0
-    report = server._report()
+    assert server.stop_checked() == 0
+    report = server.report()
     assert "1 child(ren) exited but were not reaped within 0.3 s (zombies): " in report
     assert "did not stop cleanly" in report
 
@@ -397,15 +424,15 @@ def test_child_that_left_the_session_is_still_found(
     )
     (child,) = server.children()
     assert os.getsid(child.pid) == child.pid
-    assert server._stop(None) == 0
-    assert f"pid {child.pid} (parent " in server._report()
+    assert server.stop_checked() == 0
+    assert f"pid {child.pid} (parent " in server.report()
     assert not child.is_running() or _zombie(child.pid)
 
 
 def test_server_ignoring_sigterm_is_killed(fake_server: Callable[..., ServerProcess]) -> None:
     server = fake_server("signal.signal(signal.SIGTERM, signal.SIG_IGN)", stop_timeout=0.5)
-    assert server._stop(None) == -signal.SIGKILL
-    report = server._report()
+    assert server.stop_checked() == -signal.SIGKILL
+    report = server.report()
     assert "- it did not exit within 0.5 s of SIGTERM" in report
     assert "- it exited after SIGTERM with signal SIGKILL (expected 0)" in report
     assert not psutil.pid_exists(server.pid)
@@ -434,18 +461,18 @@ def test_server_ignoring_sigterm_is_killed(fake_server: Callable[..., ServerProc
     ],
 )
 def test_setting_values_are_written_as_toml(value: Any) -> None:
-    text = pytest_plugin._toml_table("server", {"key": value})
+    text = config.toml_table("server", {"key": value})
     assert tomllib.loads(text) == {"server": {"key": value}}
 
 
 def test_path_and_tuple_settings_are_written_as_toml() -> None:
-    text = pytest_plugin._toml_table("server", {"unix": (Path("/tmp/a b.sock"),)})
+    text = config.toml_table("server", {"unix": (Path("/tmp/a b.sock"),)})
     assert tomllib.loads(text) == {"server": {"unix": ["/tmp/a b.sock"]}}
 
 
 def test_a_value_toml_cannot_hold_is_a_type_error() -> None:
     with pytest.raises(TypeError, match=r"max_children=\{\} is not a setting value"):
-        pytest_plugin._toml_table("server", {"max_children": {}})
+        config.toml_table("server", {"max_children": {}})
 
 
 @pytest.mark.parametrize(
@@ -457,7 +484,7 @@ def test_a_value_toml_cannot_hold_is_a_type_error() -> None:
     ],
 )
 def test_log_lines_text_or_json(line: str, messages: list[str] | None) -> None:
-    assert pytest_plugin._messages(line) == (messages or [line])
+    assert log_messages(line) == (messages or [line])
 
 
 @pytest.mark.parametrize(
@@ -467,10 +494,11 @@ def test_log_lines_text_or_json(line: str, messages: list[str] | None) -> None:
         ("[::1]:8000", ("::1", 8000)),
         ("[::]:0", ("::", 0)),
         ("unix:/run/x.sock", "/run/x.sock"),
+        ("udp:127.0.0.1:53", ("127.0.0.1", 53)),
     ],
 )
 def test_logged_addresses_are_parsed(logged: str, address: object) -> None:
-    assert pytest_plugin._parse_address(logged) == address
+    assert parse_address(logged) == address
 
 
 def test_a_log_level_that_hides_the_ready_line_is_refused(
@@ -485,13 +513,13 @@ def test_a_log_level_that_hides_the_ready_line_is_refused(
 def test_handler_objects_are_named_by_module_and_qualname() -> None:
     from forkserver.examples.echo import EchoHandler
 
-    name = pytest_plugin._handler_name(EchoHandler)
+    name = config.handler_name(EchoHandler)
     assert name == "forkserver.examples.echo:EchoHandler"
 
     def local(conn: object, addr: object) -> None: ...
 
     with pytest.raises(TypeError, match="define it at the top level"):
-        pytest_plugin._handler_name(local)
+        config.handler_name(local)
 
 
 def test_import_path_is_the_tests_own_entries(
@@ -503,7 +531,7 @@ def test_import_path_is_the_tests_own_entries(
     lib.mkdir()
     monkeypatch.syspath_prepend(str(lib))
     monkeypatch.chdir(tmp_path)
-    path = pytest_plugin._import_path(tmp_path / "root")
+    path = config.import_path(tmp_path / "root")
     assert path[0] == str(lib)
     assert path[-1] == str(tmp_path / "root") or str(tmp_path / "root") in path
     for key in ("stdlib", "platstdlib", "purelib", "platlib"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from forkserver.config import reference_table
-from tests.conftest import ROOT
+from tests.helpers.servers import ROOT
 
 README = (ROOT / "README.md").read_text()
 

@@ -19,20 +19,16 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 
-from tests.conftest import (
-    ABNORMAL_EXIT,
-    ServerProcess,
-    StartServer,
+from tests.helpers.clients import (
     accept_queue_length,
-    children_gone,
-    config,
     connect,
     echo_roundtrip,
     recv_to_eof,
     recv_until,
     send_and_read,
-    wait_until,
 )
+from tests.helpers.processes import children_gone
+from tests.helpers.servers import ABNORMAL_EXIT, ServerProcess, StartServer, config, wait_until
 
 
 def _port(sock: socket.socket) -> int:
@@ -122,7 +118,7 @@ def test_hundreds_of_concurrent_clients_are_all_served_and_reaped(
 
 @pytest.mark.timeout(30)
 def test_raising_handler_fails_alone_and_serving_goes_on(start_server: StartServer) -> None:
-    server = start_server(config("tests.services:Raising"))
+    server = start_server(config("tests.helpers.services:Raising"))
     address = server.tcp_address
     for attempt in range(3):
         start = len(server.lines)
@@ -139,7 +135,7 @@ def test_raising_handler_fails_alone_and_serving_goes_on(start_server: StartServ
         child_pid = re.search(r"child (\d+) for", exit_line)
         assert logged_by and child_pid, (failed, exit_line)
         assert int(logged_by.group(1)) == int(child_pid.group(1)) != server.pid, attempt
-        assert server.proc.poll() is None
+        assert server.poll() is None
     children_gone(server)
     assert server.stop() == 0
 
@@ -161,7 +157,7 @@ def test_sigchld_storm_of_short_connections_all_served(start_server: StartServer
         results = list(pool.map(roundtrip, payloads, timeout=50))
     assert results.count(True) == n, f"{results.count(False)} of {n} clients got wrong bytes"
     children_gone(server)
-    assert server.proc.poll() is None
+    assert server.poll() is None
     assert server.stop() == 0
     assert not ABNORMAL_EXIT.search(server.log), server.log
 
@@ -198,7 +194,7 @@ def test_harmless_signals_during_accept_never_break_serving(start_server: StartS
     assert results.count(True) == clients, f"{results.count(False)} clients got wrong bytes"
     # The storm lasted until the last client was served, not less.
     assert len(harmless) <= sent < max_signals, f"{sent} signals sent"
-    assert server.proc.poll() is None, "the parent died of a harmless signal"
+    assert server.poll() is None, "the parent died of a harmless signal"
     server.wait_for_log("SIGUSR1 ignored")
     # Still serving after the storm, and a clean stop.
     assert echo_roundtrip(address, b"after") == b"after"
@@ -224,7 +220,7 @@ def test_signal_storm_during_reloads_never_kills_the_parent(start_server: StartS
         ):
             os.kill(server.pid, storm[sent % len(storm)])
             sent += 1
-        assert server.proc.poll() is None, f"the parent died during a reload: {server.log}"
+        assert server.poll() is None, f"the parent died during a reload: {server.log}"
         server.wait_for_log("forkserver ready", 30, start=mark)
         assert echo_roundtrip(address, b"still here") == b"still here"
     assert sent > 0
@@ -239,7 +235,7 @@ def test_max_children_is_never_exceeded_and_waiting_clients_are_served(
     start_server: StartServer,
 ) -> None:
     limit, n = 3, 10
-    server = start_server(config("tests.services:PidEcho", max_children=limit, backlog=64))
+    server = start_server(config("tests.helpers.services:PidEcho", max_children=limit, backlog=64))
     address = server.tcp_address
     peak = 0
     samples = 0
@@ -313,7 +309,7 @@ def test_connection_in_flight_at_sigterm_completes_and_new_ones_are_refused(
         with pytest.raises(ConnectionRefusedError):
             connect(address, timeout=5).close()
         # The parent is waiting for this client's child, not gone already.
-        assert server.proc.poll() is None
+        assert server.poll() is None
         rest = os.urandom(256 * 1024 + 7)
         assert send_and_read(sock, rest) == rest
     assert server.wait(10) == 0
@@ -349,7 +345,7 @@ def test_kill_timeout_expiry_sends_sigkill_to_children_ignoring_sigterm(
     start_server: StartServer,
 ) -> None:
     server = start_server(
-        config("tests.services:IgnoreTerm", graceful_timeout=0.5, kill_timeout=0.5)
+        config("tests.helpers.services:IgnoreTerm", graceful_timeout=0.5, kill_timeout=0.5)
     )
     with connect(server.tcp_address) as sock:
         port = _port(sock)
@@ -384,7 +380,7 @@ def test_stops_at_once(start_server: StartServer, signals: tuple[int, ...]) -> N
             server.wait_for_log(
                 r"stopping: no longer accepting; waiting up to 60\.0s for 1 children"
             )
-            assert server.proc.poll() is None
+            assert server.poll() is None
         server.signal(signals[-1])
         server.wait_for_log(r"stopping now: killing 1 children")
         assert server.wait(10) == 0  # well before graceful_timeout's 60 s
@@ -398,7 +394,7 @@ def test_stops_at_once(start_server: StartServer, signals: tuple[int, ...]) -> N
 
 @pytest.mark.timeout(30)
 def test_child_exit_status_is_logged_with_the_peer(start_server: StartServer) -> None:
-    server = start_server(config("tests.services:exit_with_status"))
+    server = start_server(config("tests.helpers.services:exit_with_status"))
     with connect(server.tcp_address) as sock:
         port = _port(sock)
         sock.sendall(b"3\n")
@@ -434,7 +430,7 @@ def test_child_killed_by_sigkill_is_logged_and_serving_goes_on(
 def test_connections_waiting_in_the_backlog_at_sigterm_are_served(
     start_server: StartServer,
 ) -> None:
-    server = start_server(config("tests.services:PidEcho", max_children=1))
+    server = start_server(config("tests.helpers.services:PidEcho", max_children=1))
     host, port = server.tcp_address
     with connect((host, port)) as busy:
         assert int(recv_until(busy, b"\n")) > 0  # the only child is taken
@@ -467,7 +463,7 @@ def test_connections_waiting_in_the_backlog_at_sigterm_are_served(
 
 @pytest.mark.timeout(30)
 def test_client_sees_eof_right_after_the_handler_returns(start_server: StartServer) -> None:
-    server = start_server(config("tests.services:bye_and_return"))
+    server = start_server(config("tests.helpers.services:bye_and_return"))
     with connect(server.tcp_address, timeout=5) as sock:
         assert recv_to_eof(sock, timeout=5) == b"bye"
     children_gone(server)
@@ -478,7 +474,7 @@ def test_client_sees_eof_right_after_the_handler_returns(start_server: StartServ
 def test_parent_keeps_no_copy_of_the_connection(start_server: StartServer) -> None:
     # The handler closes its descriptor without shutdown() and stays alive: the
     # FIN is sent only if no other process (the parent) still holds a copy.
-    server = start_server(config("tests.services:pid_then_linger", graceful_timeout=0.5))
+    server = start_server(config("tests.helpers.services:pid_then_linger", graceful_timeout=0.5))
     with connect(server.tcp_address, timeout=5) as sock:
         port = _port(sock)
         pid = int(recv_until(sock, b"\n"))
@@ -493,7 +489,7 @@ def test_parent_keeps_no_copy_of_the_connection(start_server: StartServer) -> No
 
 @pytest.mark.timeout(30)
 def test_each_child_holds_only_its_own_connection(start_server: StartServer) -> None:
-    server = start_server(config("tests.services:PidEcho"))
+    server = start_server(config("tests.helpers.services:PidEcho"))
     socks = [connect(server.tcp_address) for _ in range(3)]
     try:
         for sock in socks:
@@ -510,7 +506,7 @@ def test_each_child_holds_only_its_own_connection(start_server: StartServer) -> 
 def test_children_started_from_the_stop_queue_hold_only_their_own_connection(
     start_server: StartServer,
 ) -> None:
-    server = start_server(config("tests.services:pid_then_linger", max_children=2))
+    server = start_server(config("tests.helpers.services:pid_then_linger", max_children=2))
     host, port = server.tcp_address
     busy = [connect((host, port)) for _ in range(2)]
     queued: list[socket.socket] = []

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from tests.conftest import StartServer, config, echo_roundtrip
+from tests.helpers.clients import echo_roundtrip
+from tests.helpers.servers import StartServer, config
 
 
 def test_echo_roundtrip_and_clean_stop(start_server: StartServer) -> None:

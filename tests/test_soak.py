@@ -14,29 +14,10 @@ from typing import Any
 
 import pytest
 
-from forkserver import BaseHandler
-from tests.test_bench import run_bench
+from tests.helpers.bench import run_bench
 
 DURATION = 7.0
 MIN_SERVED = 20  # a loaded 2-core machine serves thousands in 7 s; this is "it served"
-
-
-class FaultyEcho(BaseHandler):
-    """An echo that fails on purpose, by the first byte of the connection:
-    0-63 flips a byte, 64-127 drops everything after the first chunk, else echoes."""
-
-    def handle(self) -> None:
-        conn = self.request
-        first = conn.recv(65536)
-        if not first:
-            return
-        dropping = 64 <= first[0] < 128
-        if first[0] < 64:
-            first = bytes([first[0] ^ 0xFF]) + first[1:]
-        conn.sendall(first)
-        while data := conn.recv(65536):
-            if not dropping:
-                conn.sendall(data)
 
 
 def soak(tmp_path: Path, duration: float, *args: str) -> tuple[int, dict[str, Any]]:
@@ -77,7 +58,7 @@ def test_short_soak(tmp_path: Path, spares: int) -> None:
 @pytest.mark.timeout(60)
 def test_soak_sees_lost_and_corrupted_bytes(tmp_path: Path) -> None:
     code, r = soak(
-        tmp_path, 3, "--handler", "tests.test_soak:FaultyEcho",
+        tmp_path, 3, "--handler", "tests.helpers.services:FaultyEcho",
         "--pools", "churn=2,keepalive=0,slow=0,reset=0,halfclosed=0",
     )  # fmt: skip
     assert code == 1

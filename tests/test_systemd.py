@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from forkserver import systemd
-from tests.conftest import ROOT, config, connect, group_members, recv_to_eof, wait_until
+from tests.helpers.clients import connect, recv_to_eof
+from tests.helpers.processes import group_members
+from tests.helpers.servers import ROOT, config, wait_until
 
 ACTIVATE = shutil.which("systemd-socket-activate")
 needs_activate = pytest.mark.skipif(

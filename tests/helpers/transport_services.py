@@ -1,5 +1,5 @@
 """Handlers for the transport tests (UDP, TLS, PROXY protocol, HAProxy);
-imported by the server as ``tests.transport_services:NAME``.
+imported by the server as ``tests.helpers.transport_services:NAME``.
 
 Each one replies with what it saw of its request, so that a test can assert
 on exact bytes what the server handed to the handler.
@@ -130,3 +130,38 @@ class SocketReport(StreamHandler):
         host, port = _host_port(self.client_address)
         report = f"{conn.family.name} {conn.getsockname()!r} {conn.getpeername()!r} {host} {port}\n"
         self.wfile.write(report.encode())
+
+
+# -- replies naming the parent and the client address the child was given -----------
+
+
+def datagram_hold(request: tuple[bytes, socket.socket], client_address: Any) -> None:
+    """Replies b"PID DATA"; a datagram b"hold PATH" first opens the FIFO at
+    PATH and reads it to EOF, so the test decides when this child may finish
+    (and knows it runs: the test's open() of the write end waits for it)."""
+    data, sock = request
+    if data.startswith(b"hold "):
+        with open(data[5:].decode(), "rb") as fifo:
+            fifo.read()
+    sock.sendto(b"%d %s" % (os.getpid(), data), client_address)
+
+
+def datagram_parent(request: tuple[bytes, socket.socket], client_address: Any) -> None:
+    """Replies b"PPID DATA": which parent forked the child that served it."""
+    data, sock = request
+    sock.sendto(b"%d %s" % (os.getppid(), data), client_address)
+
+
+def parent_report(conn: socket.socket, client_address: Any) -> None:
+    """Reads to EOF, then replies b"PPID HOST PORT\\n" and what it read: the
+    parent that forked this child and the client_address it was given."""
+    data = _read_to_eof(conn)
+    host, port = client_address[0], client_address[1]
+    conn.sendall(f"{os.getppid()} {host} {port}\n".encode() + data)
+
+
+def address_repr(conn: socket.socket, client_address: Any) -> None:
+    """Reads to EOF, then replies repr(client_address) and a newline: the exact
+    value the handler got, tuple length included."""
+    _read_to_eof(conn)
+    conn.sendall(f"{client_address!r}\n".encode())

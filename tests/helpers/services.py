@@ -253,3 +253,21 @@ def report_fds(conn: socket.socket, addr: Any) -> None:
         held[fd] = target
     reply = {"pid": os.getpid(), "addr": addr, "fds": held}
     conn.sendall(json.dumps(reply).encode() + b"\n")
+
+
+class FaultyEcho(BaseHandler):
+    """An echo that fails on purpose, by the first byte of the connection:
+    0-63 flips a byte, 64-127 drops everything after the first chunk, else echoes."""
+
+    def handle(self) -> None:
+        conn = self.request
+        first = conn.recv(65536)
+        if not first:
+            return
+        dropping = 64 <= first[0] < 128
+        if first[0] < 64:
+            first = bytes([first[0] ^ 0xFF]) + first[1:]
+        conn.sendall(first)
+        while data := conn.recv(65536):
+            if not dropping:
+                conn.sendall(data)

@@ -1,5 +1,5 @@
-"""Handlers for tests/test_pool_direct_more.py; imported by the server as
-``tests.pool_direct_services:NAME``."""
+"""Handlers for the tests of spares accepting by themselves; imported by the
+server as ``tests.helpers.pool_direct_services:NAME``."""
 
 from __future__ import annotations
 
@@ -21,9 +21,3 @@ def tagged_pid_echo(conn: socket.socket, addr: Any) -> None:
     conn.sendall(f"own {os.getpid()}\n".encode())
     while data := conn.recv(65536):
         conn.sendall(data)
-
-
-def datagram_pid_echo(request: tuple[bytes, socket.socket], client_address: Any) -> None:
-    """A datagram handler: replies b"PID DATA" to the sender."""
-    data, sock = request
-    sock.sendto(b"%d %s" % (os.getpid(), data), client_address)
