@@ -237,8 +237,8 @@ def test_snapshot_reads_a_real_server(sleepers: Sleepers) -> None:
     busy, idle = sleepers.start(1)[0], sleepers.start(1)[0]
     server = Server(("127.0.0.1", 0), lambda conn, addr: None, max_children=7, spare_children=1)
     try:
-        server._acceptor.accepted, server._acceptor.fork_failures = 5, 1
-        server._acceptor.refusals.refused = {"full": 2}
+        server._parent.acceptor.accepted, server._parent.acceptor.fork_failures = 5, 1
+        server._parent.acceptor.refusals.refused = {"full": 2}
         started = time.monotonic() - 30
         server.children.add(busy, socket.AF_INET6, ("::1", 4000, 0, 0), started)
         server.children.add(idle, 0, None, time.monotonic())

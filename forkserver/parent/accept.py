@@ -18,14 +18,13 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from socket import SHUT_RD
 
 from .. import log
 from ..addresses import format_address
-from ..child.datagram import answer
 from ..child.start import become
 from ..child.stream import serve
 from ..listeners import BACKOFF_SECONDS, SKIPPED_ACCEPT_ERRNOS
+from .datagrams import Datagrams
 from .refusals import Refusals
 
 TYPE_CHECKING = False
@@ -47,8 +46,6 @@ if TYPE_CHECKING:
 __all__ = ["Acceptor"]
 
 logger = log.get_logger(__name__)
-
-DATAGRAM_MAX = 65535  # the largest UDP payload
 
 
 class Acceptor:
@@ -72,7 +69,7 @@ class Acceptor:
         self._admission = admission
         self._limits = limits
         self._run = run  # the server's finish_request: the default handler
-        self._on_error = on_error
+        self.on_error = on_error
         self._max_children = settings.max_children
         self._refuse_when_full = settings.when_full == "refuse"
         self.refusals = Refusals(settings.busy_message, settings.access_log)
@@ -91,17 +88,14 @@ class Acceptor:
         # Connections (and datagrams) waiting for a slot: at a stop's drain,
         # or handed back from the spares.
         self.queued: deque[tuple[int, int, Any, Service | None]] = deque()
-        # A UDP socket dup, the datagram, its sender, the listener's service.
-        self.queued_datagrams: deque[tuple[int, bytes, int, Any, Service]] = deque()
-        self._accept_log = log.Throttle(log.INTERVAL)
-        self._fork_log = log.Throttle(log.INTERVAL)
         # Whether a new child needs anything beyond the child table: one flag,
         # so the default path reads one attribute.
-        self._per_child_work = admission.enabled or bool(settings.max_lifetime)
+        self.per_child_work = admission.enabled or bool(settings.max_lifetime)
         self._callbacks: dict[Listener, Callable[[int], None]] = {}
         # Called with True when accepting backs off (out of descriptors), False
         # when it may go on: the metrics listener pauses too (scrape.py).
         self.on_backoff: Callable[[bool], None] | None = None
+        self.datagrams = Datagrams(self, settings, children, forker, admission, limits, on_error)
         forker.parent_only(self._fds)
 
     # -- setup -----------------------------------------------------------------
@@ -112,7 +106,7 @@ class Acceptor:
         for listener in listeners:
             service = listener.service
             if listener.datagram:
-                callback = _bind(self.receive, listener)
+                callback = _bind(self.datagrams.receive, listener)
             elif service is not None and service.trusted is not None:
                 callback = _bind(self._on_proxied, listener)
             elif self._admission.enabled or self.spares is not None:
@@ -155,8 +149,7 @@ class Acceptor:
                 yield listener.fileno()
         for queued in self.queued:
             yield queued[0]
-        for waiting in self.queued_datagrams:
-            yield waiting[0]
+        yield from self.datagrams.fds()
         if self.headers is not None:
             yield from self.headers.fds()
 
@@ -223,6 +216,15 @@ class Acceptor:
             return
         self.headers.start(fd, peer, listener)
 
+    def take_accepted(self, listener: Listener, fd: int, peer: Any) -> None:
+        """A connection accepted from *listener* by someone else (the stop's
+        drain): on its way as if the listener's callback had taken it."""
+        service = listener.service
+        if service is not None and service.trusted is not None:
+            self._wait_for_header(listener, fd, peer)
+        else:
+            self.take(fd, listener.family, peer, service)
+
     def _header_done(self) -> None:
         if not self.listening:  # a header done: room for the next
             self.resume()
@@ -269,7 +271,9 @@ class Acceptor:
         try:
             pid = self._forker.fork()
         except OSError as exc:
-            self._fork_failed(exc, f"refusing the connection from {format_address(family, peer)}")
+            self.fork_failed_backing_off(
+                exc, f"refusing the connection from {format_address(family, peer)}"
+            )
             self.refusals.refuse(fd, family, peer, "fork_failed")
             return
         if pid == 0:
@@ -277,13 +281,13 @@ class Acceptor:
             limits = self._limits
             become(
                 closes, self._forker.signals, limits, family, peer,
-                serve, fd, family, peer, run, self._on_error, limits, service,
+                serve, fd, family, peer, run, self.on_error, limits, service,
             )  # fmt: skip
         # close() only drops a reference: if the parent kept its copy, the
         # client would never see EOF when the child is done.
         os.close(fd)
         child = self._children.add(pid, family, peer, time.monotonic())
-        if self._per_child_work:
+        if self.per_child_work:
             self.serving_starts(child)
             self._admission.opened(child.source)
 
@@ -300,84 +304,6 @@ class Acceptor:
         """The load admission judges: children serving, not idle spares."""
         spares = self.spares
         return len(self._children) - (spares.idle_count() if spares is not None else 0)
-
-    # -- datagrams ---------------------------------------------------------------
-
-    def receive(self, listener: Listener) -> bool:
-        """A UDP listener: read one datagram and fork its child (socketserver's
-        ForkingUDPServer); False when none was waiting."""
-        try:
-            data, peer = listener.sock.recvfrom(DATAGRAM_MAX)
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            # ECONNREFUSED and the like: an ICMP error for an earlier reply.
-            return True
-        self.accepted += 1
-        family = listener.family
-        if self._admission.enabled:
-            reason = self._admission.check(family, peer, self.busy_children())
-            if reason is not None:
-                self.refusals.drop_datagram(family, peer, reason)
-                return True
-        service = listener.service
-        if not self.answer(listener.fileno(), data, family, peer, service):
-            waits = self.stopping or not self._refuse_when_full
-            if waits and len(self.queued_datagrams) < self.settings.backlog:
-                # The stop's drain, or read just as the last slot went (a spare
-                # counted idle took a connection of its own): answered as
-                # children exit, as connections are.
-                entry = (os.dup(listener.fileno()), data, family, peer, service)
-                self.queued_datagrams.append(entry)
-                self._forker.changed()
-            else:
-                self.refusals.drop_datagram(family, peer, "full")
-        if not self.can_accept():
-            self.pause()
-        return True
-
-    def answer(
-        self, fd: int, data: bytes, family: int, peer: Any, service: Service, owned: bool = False
-    ) -> bool:
-        """Give a datagram to an idle spare, or fork a child for it, with UDP
-        socket *fd* (closed here if *owned*); False at max_children."""
-        spares = self.spares
-        if (
-            spares is not None
-            and spares.waiting()
-            and spares.hand_off(fd, family, peer, service, data)
-        ):
-            if self._admission.enabled:
-                self._admission.opened(self._admission.source(family, peer))
-        elif len(self._children) >= self._max_children:
-            return False
-        else:
-            self._spawn_datagram(fd, data, family, peer, service)
-        if owned:
-            os.close(fd)
-        return True
-
-    def _spawn_datagram(
-        self, fd: int, data: bytes, family: int, peer: Any, service: Service
-    ) -> None:
-        closes = self._forker.closes()
-        try:
-            pid = self._forker.fork()
-        except OSError as exc:
-            self._fork_failed(exc, f"dropping a datagram from {format_address(family, peer)}")
-            self.refusals.drop_datagram(family, peer, "fork_failed")
-            return
-        if pid == 0:
-            limits = self._limits
-            become(
-                closes, self._forker.signals, limits, family, peer,
-                # its own copy: the parent's fds, this socket among them, are closed first
-                answer, os.dup(fd), data, family, peer, service.run, self._on_error, limits,
-            )  # fmt: skip
-        child = self._children.add(pid, family, peer, time.monotonic())
-        if self._per_child_work:
-            self.serving_starts(child)
-            self._admission.opened(child.source)
 
     # -- the limit: pause, resume, queue -------------------------------------------
 
@@ -434,9 +360,9 @@ class Acceptor:
 
     def slot_freed(self, child: Child) -> None:
         """A child exited: serve what waits for a slot, or listen again."""
-        if self._per_child_work:
+        if self.per_child_work:
             self._admission.closed(child.source)
-        if self.queued or self.queued_datagrams:
+        if self.queued or self.datagrams.queued:
             self.dispatch_queued()
         if not self.listening and not self.stopping:
             # An exiting child may also have freed descriptors (ENFILE) or
@@ -460,24 +386,14 @@ class Acceptor:
                 self.queued.appendleft(entry)
                 self._forker.changed()
                 break
-        while self.queued_datagrams:
-            fd, data, family, peer, service = self.queued_datagrams.popleft()
-            self._forker.changed()
-            if not self.answer(fd, data, family, peer, service, owned=True):
-                self.queued_datagrams.appendleft((fd, data, family, peer, service))
-                self._forker.changed()
-                break
+        self.datagrams.dispatch_queued()
 
     def drop_queued(self, why: str) -> None:
         if self.queued:
             logger.warning("closing %d queued connections unserved: %s", len(self.queued), why)
         while self.queued:
             os.close(self.queued.popleft()[0])
-        if self.queued_datagrams:
-            n = len(self.queued_datagrams)
-            logger.warning("dropping %d queued datagrams unanswered: %s", n, why)
-        while self.queued_datagrams:
-            os.close(self.queued_datagrams.popleft()[0])
+        self.datagrams.drop_queued(why)
         self._forker.changed()
 
     # -- failures ----------------------------------------------------------------
@@ -489,15 +405,7 @@ class Acceptor:
         # Out of descriptors (or some error we do not know): retrying at once
         # would spin at 100% CPU.  Leave the connections in the kernel backlog
         # and try again shortly, or as soon as a child exits.
-        if self._accept_log.ready():
-            held = self._accept_log.take_suppressed()
-            logger.error(
-                "accept() on %s failed: %s; pausing accepts for %.1fs%s",
-                listener.name,
-                os.strerror(exc.errno or 0),
-                BACKOFF_SECONDS,
-                f" ({held} more failures since the last report)" if held else "",
-            )
+        self.refusals.accept_failed(listener.name, exc, BACKOFF_SECONDS)
         self.back_off()
 
     def back_off(self) -> None:
@@ -508,16 +416,14 @@ class Acceptor:
         if self.on_backoff is not None:
             self.on_backoff(True)
 
-    def backing_off(self) -> bool:
-        return self._resume is not None
-
     def _resume_after_backoff(self) -> None:
         self._resume = None
         if self.on_backoff is not None:
             self.on_backoff(False)
         self.resume()
 
-    def _fork_failed(self, exc: OSError, consequence: str) -> None:
+    def fork_failed_backing_off(self, exc: OSError, consequence: str) -> None:
+        """A fork for a connection or datagram failed: count, log, back off."""
         self.fork_failed(exc, consequence)
         # EAGAIN/ENOMEM pass when children exit: give them a moment.
         self.back_off()
@@ -525,58 +431,7 @@ class Acceptor:
     def fork_failed(self, exc: OSError, consequence: str) -> None:
         """Count and log (at most once per interval) a failed fork."""
         self.fork_failures += 1
-        if self._fork_log.ready():
-            held = self._fork_log.take_suppressed()
-            logger.error(
-                "fork() failed: %s; %s%s",
-                exc.strerror,
-                consequence,
-                f" ({held} more since the last report)" if held else "",
-            )
-
-    # -- the stop's drain -----------------------------------------------------------
-
-    def close_listeners(self, drain: bool = True) -> None:
-        if drain:
-            self._drain_backlog()
-        for listener in self.listeners:
-            listener.close_and_unlink()
-        self._forker.changed()
-
-    def _drain_backlog(self) -> None:
-        """Take in connections the kernel already queued, so closing the
-        listeners does not reset them; serve each as a slot frees up."""
-        drained: list[tuple[int, Any, Listener]] = []
-        for listener in self.listeners:
-            listener.refuse_new()
-        for listener in self.listeners:
-            if listener.datagram:
-                for _ in range(self.settings.backlog):
-                    if not self.receive(listener):
-                        break
-                continue
-            while len(drained) + len(self.queued) < self.settings.backlog:
-                try:
-                    fd, peer = listener.sock._accept()  # type: ignore[attr-defined]
-                except OSError:
-                    break
-                self.accepted += 1
-                drained.append((fd, peer, listener))
-            # Stop listening in every process at once: a child forked a moment
-            # ago holds a copy of the listener until it gets to close it, and
-            # what the kernel queued on that copy would be reset then. Only
-            # after the accepts: shutdown() resets what is still queued (and
-            # since refuse_new(), nothing new joins the queue).
-            try:
-                listener.sock.shutdown(SHUT_RD)
-            except OSError:
-                pass  # not connected: some kernels refuse it on a Unix listener
-        for fd, peer, listener in drained:  # forks only now, the window above stays short
-            service = listener.service
-            if service is not None and service.trusted is not None:
-                self._wait_for_header(listener, fd, peer)
-            else:
-                self.take(fd, listener.family, peer, service)
+        self.refusals.fork_failed(exc, consequence)
 
 
 def _bind(method: Callable[[Listener], Any], listener: Listener) -> Callable[[int], None]:

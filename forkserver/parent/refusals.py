@@ -2,11 +2,13 @@
 
 A refusal is counted by reason (metrics), written to the access log, and
 logged as a warning at most once per interval per reason, with how many were
-held back: a flood of refusals must not become a flood of log lines.
+held back: a flood of refusals must not become a flood of log lines.  A
+failed accept() or fork() is logged the same way.
 """
 
 from __future__ import annotations
 
+import os
 from socket import MSG_DONTWAIT, SHUT_WR, SOCK_STREAM
 from socket import socket as Socket
 
@@ -31,6 +33,8 @@ class Refusals:
         self._access_log = access_log
         self.refused: dict[str, int] = {}
         self._logs: dict[str, log.Throttle] = {}
+        self._accept_log = log.Throttle(log.INTERVAL)
+        self._fork_log = log.Throttle(log.INTERVAL)
 
     def count(self, family: int, peer: Any, reason: str, past: str = "refused") -> None:
         """Count a refusal by reason (metrics), with its access-log line."""
@@ -73,3 +77,26 @@ class Refusals:
         """Drop a datagram: counted and logged like a refused connection; no
         reply (a UDP client cannot tell a refusal from a loss anyway)."""
         self.note(family, peer, reason, "dropped a datagram from", "dropped")
+
+    def accept_failed(self, listener_name: str, exc: OSError, pause: float) -> None:
+        """accept() failed (out of descriptors, say): an error, at most once per interval."""
+        if self._accept_log.ready():
+            held = self._accept_log.take_suppressed()
+            logger.error(
+                "accept() on %s failed: %s; pausing accepts for %.1fs%s",
+                listener_name,
+                os.strerror(exc.errno or 0),
+                pause,
+                f" ({held} more failures since the last report)" if held else "",
+            )
+
+    def fork_failed(self, exc: OSError, consequence: str) -> None:
+        """fork() failed: an error, at most once per interval."""
+        if self._fork_log.ready():
+            held = self._fork_log.take_suppressed()
+            logger.error(
+                "fork() failed: %s; %s%s",
+                exc.strerror,
+                consequence,
+                f" ({held} more since the last report)" if held else "",
+            )

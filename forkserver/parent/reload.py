@@ -53,7 +53,7 @@ class Reloader:
         stopper: Stopper,
         all_listeners: Callable[[], list[Listener]],
     ) -> None:
-        self._argv = argv
+        self.argv = argv
         self._loop = loop
         self._acceptor = acceptor
         self._children = children
@@ -86,7 +86,7 @@ class Reloader:
     def reload(self) -> None:
         """Check the new config in a separate process; if it is valid,
         re-execute (same pid) with the listeners and children handed over."""
-        if self._argv is None:
+        if self.argv is None:
             logger.warning("SIGHUP ignored: reload needs the command line (python -m forkserver)")
             return
         if busy := self._in_progress():
@@ -98,7 +98,7 @@ class Reloader:
         # the check) or be held open by something the handler module starts.
         out = os.memfd_create("forkserver-check", os.MFD_CLOEXEC)
         try:
-            pid = _spawn_command([*self._argv, "--check"], _command_env(), out=out)
+            pid = _spawn_command([*self.argv, "--check"], _command_env(), out=out)
         except OSError as exc:
             os.close(out)
             logger.error("reload failed: cannot start the config check: %s", exc.strerror)
@@ -150,7 +150,7 @@ class Reloader:
 
     def _reexec(self) -> None:
         """Become a new parent in place: same pid, same listeners, same children."""
-        assert self._argv is not None
+        assert self.argv is not None
         acceptor = self._acceptor
         self._stopper.take_back_from_spares()  # idle spares run the old code: they exit on EOF
         acceptor.dispatch_queued()  # what it took back: children adopted across exec
@@ -164,14 +164,14 @@ class Reloader:
                 "reload: closed a connection from %s queued at the limit",
                 format_address(family, peer),
             )
-        for fd, _, family, peer, _ in acceptor.queued_datagrams:  # as rare
+        for fd, _, family, peer, _ in acceptor.datagrams.queued:  # as rare
             os.close(fd)
             logger.warning(
                 "reload: dropped a datagram from %s queued at the limit",
                 format_address(family, peer),
             )
         acceptor.queued.clear()  # closed: not to be served if the exec fails
-        acceptor.queued_datagrams.clear()
+        acceptor.datagrams.queued.clear()
         acceptor.changed()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -180,7 +180,7 @@ class Reloader:
         # pending across exec (the mask survives it); signals.py unblocks them.
         _signal.pthread_sigmask(_signal.SIG_BLOCK, HANDLED_SIGNALS)
         try:
-            os.execve(sys.executable, [sys.executable, "-m", "forkserver", *self._argv], env)
+            os.execve(sys.executable, [sys.executable, "-m", "forkserver", *self.argv], env)
         except OSError as exc:
             _signal.pthread_sigmask(_signal.SIG_UNBLOCK, HANDLED_SIGNALS)
             discard(env[INHERIT_ENV])
@@ -192,7 +192,7 @@ class Reloader:
     def start_upgrade(self) -> None:
         """Start a new parent (new code) on the same listeners; stop accepting
         once it says it is ready, then drain and exit."""
-        if self._argv is None:
+        if self.argv is None:
             logger.warning("SIGUSR2 ignored: upgrade needs the command line (python -m forkserver)")
             return
         if busy := self._in_progress():
@@ -203,7 +203,7 @@ class Reloader:
         env[INHERIT_ENV] = handover_env(self._all_listeners(), ready_fd=w)
         os.set_inheritable(w, True)
         try:
-            pid = _spawn_command(self._argv, env, parent=True)
+            pid = _spawn_command(self.argv, env, parent=True)
         except OSError as exc:
             os.close(r)
             logger.error("upgrade failed: cannot start a new parent: %s", exc.strerror)

@@ -11,14 +11,17 @@ connection and no PROXY header being read is left.
 from __future__ import annotations
 
 import signal
+from socket import SHUT_RD
 
 from .. import log, systemd
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Any
 
     from ..config import Settings
+    from ..listeners import Listener
     from .accept import Acceptor
     from .children import ChildTable
     from .loop import Loop, Timer
@@ -79,7 +82,11 @@ class Stopper:
                     listener.hand_over()
                 acceptor.changed()
             elif close_listeners:
-                acceptor.close_listeners(drain=not immediate)
+                if not immediate:
+                    self._drain_backlog()
+                for listener in acceptor.listeners:
+                    listener.close_and_unlink()
+                acceptor.changed()
             if immediate and acceptor.headers:
                 acceptor.headers.close_all("stopping now")
             if not immediate:
@@ -97,6 +104,38 @@ class Stopper:
             acceptor.drop_queued("immediate stop")
             self._children.signal_all(signal.SIGKILL)
 
+    def _drain_backlog(self) -> None:
+        """Take in connections the kernel already queued, so closing the
+        listeners does not reset them; serve each as a slot frees up."""
+        acceptor, backlog = self._acceptor, self._settings.backlog
+        drained: list[tuple[int, Any, Listener]] = []
+        for listener in acceptor.listeners:
+            listener.refuse_new()
+        for listener in acceptor.listeners:
+            if listener.datagram:
+                for _ in range(backlog):
+                    if not acceptor.datagrams.receive(listener):
+                        break
+                continue
+            while len(drained) + len(acceptor.queued) < backlog:
+                try:
+                    fd, peer = listener.sock._accept()  # type: ignore[attr-defined]
+                except OSError:
+                    break
+                acceptor.accepted += 1
+                drained.append((fd, peer, listener))
+            # Stop listening in every process at once: a child forked a moment
+            # ago holds a copy of the listener until it gets to close it, and
+            # what the kernel queued on that copy would be reset then. Only
+            # after the accepts: shutdown() resets what is still queued (and
+            # since refuse_new(), nothing new joins the queue).
+            try:
+                listener.sock.shutdown(SHUT_RD)
+            except OSError:
+                pass  # not connected: some kernels refuse it on a Unix listener
+        for fd, peer, listener in drained:  # forks only now, the window above stays short
+            acceptor.take_accepted(listener, fd, peer)
+
     def take_back_from_spares(self) -> None:
         """Retire the spares; what was handed to them and not taken waits
         in the acceptor's queues for a forked child."""
@@ -104,7 +143,7 @@ class Stopper:
             return
         for fd, family, peer, service, datagram in self._spares.retire():
             if service is not None and service.datagram:
-                self._acceptor.queued_datagrams.append((fd, datagram, family, peer, service))
+                self._acceptor.datagrams.queue((fd, datagram, family, peer, service))
             else:
                 self._acceptor.queued.append((fd, family, peer, service))
             self._acceptor.changed()
@@ -134,7 +173,7 @@ class Stopper:
             self.stopping
             and not self._children
             and not acceptor.queued
-            and not acceptor.queued_datagrams
+            and not acceptor.datagrams.queued
             and not acceptor.headers
         ):
             logger.info("stopped: all children have exited")
