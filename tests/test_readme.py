@@ -29,3 +29,21 @@ def test_quickstart_is_exactly_make_run_and_make_test() -> None:
     assert code is not None
     commands = [line.split("#")[0].strip() for line in code.group(1).splitlines()]
     assert [c for c in commands if c] == ["make run", "make test"]
+
+
+def test_module_map_names_every_module() -> None:
+    """The README's module map (under "The process model") lists every
+    module of the package, so a newcomer can trust it to find each step."""
+    section = README.split("## The process model", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    named = set(re.findall(r"`([\w/]+(?:\.py|/))`", "\n".join(rows)))
+    package = ROOT / "forkserver"
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package)
+        if rel.name in ("__init__.py", "__main__.py") or rel.parts[0] in ("stubs", "examples"):
+            continue
+        parent = f"{rel.parts[0]}/" if len(rel.parts) > 1 else None
+        if rel.as_posix() not in named and rel.name not in named and parent not in named:
+            missing.append(rel.as_posix())
+    assert not missing, f"modules missing from the README's module map: {missing}"

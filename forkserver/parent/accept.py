@@ -25,6 +25,7 @@ from ..child.start import become
 from ..child.stream import serve
 from ..listeners import BACKOFF_SECONDS, SKIPPED_ACCEPT_ERRNOS
 from .datagrams import Datagrams
+from .proxied import Proxied
 from .refusals import Refusals
 
 TYPE_CHECKING = False
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
     from ..admission import Admission
     from ..child.limits import ChildLimits
     from ..config import Settings
-    from ..headers import HeaderReader
     from ..listeners import Listener
     from ..service import Service
     from .children import Child, ChildTable
@@ -74,10 +74,7 @@ class Acceptor:
         self._refuse_when_full = settings.when_full == "refuse"
         self.refusals = Refusals(settings.busy_message, settings.access_log)
         self.spares: Spares | None = None  # set by the server with spare_children
-        self.headers: HeaderReader | None = None  # PROXY headers being read
-        # Most connections waiting for their header at once (each holds an fd
-        # in the parent); not max_children: a slow proxy must not hold up the rest.
-        self._headers_limit = max(settings.max_children, settings.backlog)
+        self.proxied = Proxied(self, settings, loop, forker)  # PROXY headers being read
         self.listeners: list[Listener] = []
         self.accepted = 0
         self.fork_failures = 0
@@ -114,26 +111,13 @@ class Acceptor:
             else:
                 callback = self._plain(listener)
             self._callbacks[listener] = callback
-        proxied = any(
-            lis.service is not None and lis.service.trusted is not None for lis in listeners
-        )
-        if proxied and self.headers is None:
-            from ..headers import HeaderReader
-
-            self.headers = HeaderReader(self.header_read, self.refusals.count, self._loop)
-            self.headers.on_done = self._header_done
-            self.headers.on_fds_changed = self._forker.changed
-            self._forker.changed()
-            self._loop.add_reader(self.headers.fileno(), self.headers.ready)
+        if any(lis.service is not None and lis.service.trusted is not None for lis in listeners):
+            self.proxied.start()
 
     def finish(self) -> None:
         """After the loop: what waits is closed; ready for another start()."""
         self.drop_queued("the loop ended")  # only after an exception
-        if self.headers is not None:
-            self._loop.remove_reader(self.headers.fileno())
-            self.headers.close()
-            self.headers = None
-            self._forker.changed()
+        self.proxied.finish()
         self._loop.cancel(self._resume)
         self._resume = None
         self.listening = self.held = False
@@ -150,8 +134,7 @@ class Acceptor:
         for queued in self.queued:
             yield queued[0]
         yield from self.datagrams.fds()
-        if self.headers is not None:
-            yield from self.headers.fds()
+        yield from self.proxied.fds()
 
     # -- streams -----------------------------------------------------------------
 
@@ -205,35 +188,18 @@ class Acceptor:
         """A PROXY protocol listener: admission waits for the header (headers.py)."""
         got = self._accept_one(listener)
         if got is not None:
-            self._wait_for_header(listener, *got)
+            self.proxied.wait_for_header(listener, *got)
             if not self.can_accept():
                 self.pause()
-
-    def _wait_for_header(self, listener: Listener, fd: int, peer: Any) -> None:
-        assert self.headers is not None
-        if len(self.headers) >= self._headers_limit:  # when_full = "refuse"
-            self.refusals.refuse(fd, listener.family, peer, "proxy_backlog")
-            return
-        self.headers.start(fd, peer, listener)
 
     def take_accepted(self, listener: Listener, fd: int, peer: Any) -> None:
         """A connection accepted from *listener* by someone else (the stop's
         drain): on its way as if the listener's callback had taken it."""
         service = listener.service
         if service is not None and service.trusted is not None:
-            self._wait_for_header(listener, fd, peer)
+            self.proxied.wait_for_header(listener, fd, peer)
         else:
             self.take(fd, listener.family, peer, service)
-
-    def _header_done(self) -> None:
-        if not self.listening:  # a header done: room for the next
-            self.resume()
-
-    def header_read(self, fd: int, family: int, peer: Any, listener: Listener) -> None:
-        """The PROXY header of *fd* is in: admit the client it names."""
-        self.take(fd, family, peer, listener.service)
-        if self.listening and not self.can_accept():
-            self.pause()
 
     def take(self, fd: int, family: int, peer: Any, service: Service | None = None) -> None:
         """An accepted connection (counted by the caller): admit it (or refuse
@@ -318,9 +284,7 @@ class Acceptor:
         ) and (
             # Enough connections wait for their PROXY header: the next ones
             # wait in the backlog (or are refused).
-            self.headers is None
-            or self._refuse_when_full
-            or len(self.headers) < self._headers_limit
+            self._refuse_when_full or not self.proxied.full()
         )
 
     def pause(self) -> None:

@@ -126,7 +126,7 @@ class Reloader:
             logger.error("reload refused, still serving the old config: %s", lines[-1])
             systemd.notify("READY=1")
             return
-        headers = self._acceptor.headers
+        headers = self._acceptor.proxied.reader
         if headers:
             # Their header is half read: what was read would be lost across
             # exec. Hold new connections in the backlog (they survive the
@@ -140,7 +140,7 @@ class Reloader:
         self._reexec()
 
     def _when_headers_done(self) -> None:
-        if self._acceptor.headers:
+        if self._acceptor.proxied.reader:
             return
         self._loop.after_batch = None
         self._pending = self._acceptor.held = False

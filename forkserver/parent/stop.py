@@ -87,8 +87,8 @@ class Stopper:
                 for listener in acceptor.listeners:
                     listener.close_and_unlink()
                 acceptor.changed()
-            if immediate and acceptor.headers:
-                acceptor.headers.close_all("stopping now")
+            if immediate and acceptor.proxied.reader:
+                acceptor.proxied.reader.close_all("stopping now")
             if not immediate:
                 self._term = self._loop.call_later(self._settings.graceful_timeout, self._term_due)
                 logger.info(
@@ -174,7 +174,7 @@ class Stopper:
             and not self._children
             and not acceptor.queued
             and not acceptor.datagrams.queued
-            and not acceptor.headers
+            and not acceptor.proxied.reader
         ):
             logger.info("stopped: all children have exited")
             self._loop.stop()
