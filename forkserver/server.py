@@ -211,8 +211,8 @@ class Server:
         for listener in self.listeners:
             listener.close_and_unlink()
         self._parent.forker.changed()
-        if len(self.children) and not self._serving:
-            self.children.stop_all(self.settings.kill_timeout)
+        if not self._serving:
+            self._parent.close()
 
     # -- what the metrics snapshot reads (metrics.py) --------------------------
 

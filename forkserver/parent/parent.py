@@ -195,6 +195,14 @@ class Parent:
         finally:
             self._finish()
 
+    def close(self) -> None:
+        """Not serving, for good (server_close()): stop the children left, if
+        any, and close the loop's epoll fd."""
+        if self.children:
+            self.children.close()
+            self.children.stop_all(self.settings.kill_timeout)
+        self.loop.close()
+
     def _private_fds(self) -> list[int]:
         """The loop's, the signal pipe's and the reload's fds: no child keeps them."""
         fds = [self.loop.fileno(), *self.reloader.fds()]
