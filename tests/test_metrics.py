@@ -1,4 +1,4 @@
-"""Metrics (forkserver/metrics.py) and the status command (forkserver/status.py).
+"""Metrics (forkserver/metrics/) and the status command (forkserver/status.py).
 
 The children a snapshot reports are real processes this module starts (and
 ends), so psutil has something true to read; the output is parsed with
@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from forkserver import metrics, status
 from forkserver.child.stream import serve
-from forkserver.config import Settings
+from forkserver.config import ConfigError, Settings
 from forkserver.parent.children import ChildTable
 from forkserver.parent.loop import Loop
 from forkserver.server import Server
@@ -263,6 +263,7 @@ def test_snapshot_reads_a_real_server(sleepers: Sleepers) -> None:
 
 
 def test_importing_metrics_costs_the_parent_nothing() -> None:
+    """The package's own modules and nothing else: no psutil, json or typing."""
     code = (
         "import sys, forkserver.server; before = set(sys.modules); import forkserver.metrics; "
         "print(sorted(set(sys.modules) - before))"
@@ -270,7 +271,11 @@ def test_importing_metrics_costs_the_parent_nothing() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=20, check=True
     ).stdout
-    assert out.strip() == "['forkserver.metrics']"
+    own = [
+        "forkserver.metrics",
+        *(f"forkserver.metrics.{m}" for m in ("http", "prometheus", "snapshot")),
+    ]
+    assert out.strip() == repr(own)
 
 
 # -- the HTTP responder ------------------------------------------------------------
@@ -477,16 +482,20 @@ def test_serve_metrics_as_the_run_function_of_child_serve() -> None:
     ],
 )
 def test_parse_address(text: str, expected: tuple[str, int] | None) -> None:
+    """The address parser, and the metrics setting's check (config/values.py)
+    that rejects what it cannot parse."""
     if expected is None:
         with pytest.raises(ValueError, match=r"HOST:PORT|brackets"):
             metrics.parse_address(text)
-        assert metrics.check_address(text) == (
-            f'"{text}" is not "HOST:PORT" (like "127.0.0.1:9100" or "[::1]:9100")'
+        with pytest.raises(ConfigError) as caught:
+            Settings(metrics=text)
+        assert str(caught.value) == (
+            f'server.metrics: "{text}" is not "HOST:PORT" (like "127.0.0.1:9100" or "[::1]:9100")'
         )
     else:
         assert metrics.parse_address(text) == expected
-        assert metrics.check_address(text) is None
-    assert metrics.check_address("") is None  # no metrics listener
+        assert Settings(metrics=text).metrics == text
+    assert Settings(metrics="").metrics == ""  # no metrics listener
 
 
 # -- the status command ------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The metrics listener: accept a scrape and fork a child to answer it.
 
 The parent computes nothing for a scrape: the child it forks reads the
-parent's state from its own copy of the parent's memory (metrics.py), so a
-slow or hostile scraper holds up no one.  At most MAX_SCRAPES answer at
+parent's state from its own copy of the parent's memory (metrics/snapshot.py),
+so a slow or hostile scraper holds up no one.  At most MAX_SCRAPES answer at
 once; more are closed unanswered.
 """
 
