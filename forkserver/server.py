@@ -236,6 +236,11 @@ class Server:
     def _idle(self) -> set[int]:
         return self._parent.idle
 
+    @property
+    def stopping(self) -> bool:
+        """A stop (or an upgrade's drain) has begun: /healthz answers 503."""
+        return self._parent.stopper.stopping
+
     # -- serving ---------------------------------------------------------------------
 
     def _serve(self) -> None:

@@ -118,6 +118,7 @@ def fake_server(
     busy: list[int],
     idle: Sequence[int] = (),
     refused: dict[str, int] | None = None,
+    stopping: bool = False,
 ) -> SimpleNamespace:
     """What snapshot() reads from a Server, around a real ChildTable."""
     table = ChildTable(Loop(), lambda child: None)
@@ -134,6 +135,7 @@ def fake_server(
         children=table,
         _idle=set(idle),
         settings=SimpleNamespace(max_children=64, spare_children=len(idle)),
+        stopping=stopping,
     )
 
 
@@ -256,6 +258,10 @@ def test_snapshot_reads_a_real_server(sleepers: Sleepers) -> None:
         assert (by_pid[idle]["peer"], by_pid[idle]["state"]) == ("", "idle")
         server.refused["full"] = 99  # a snapshot is a copy
         assert snap["refused"] == {"full": 2}
+        assert snap["stopping"] is False
+        server._parent.stopper.stopping = True  # what Stopper.begin() sets first
+        assert metrics.snapshot(server)["stopping"] is True
+        server._parent.stopper.stopping = False
     finally:
         server.children.close()  # stop watching: they are the fixture's to end
         server.children._children.clear()
@@ -343,6 +349,29 @@ def test_get_children(sleepers: Sleepers) -> None:
         full = psutil.Process(pid).memory_full_info()
         assert (child["rss"], child["uss"]) == (full.rss, full.uss)
         assert 0 <= child["cpu"] < 10
+
+
+@pytest.mark.parametrize(
+    ("stopping", "code", "reason", "body"),
+    [(False, 200, "OK", b"serving\n"), (True, 503, "Service Unavailable", b"stopping\n")],
+)
+def test_healthz_says_whether_the_parent_is_stopping(
+    stopping: bool, code: int, reason: str, body: bytes
+) -> None:
+    snap = metrics.snapshot(fake_server([], stopping=stopping))
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nUser-Agent: kube-probe/1.30\r\n\r\n"
+    returned, got, headers, got_body = exchange(request, snap, half_close=False)
+    assert (returned, got, got_body) == (code, code, body)
+    assert headers["Content-Type"] == "text/plain; charset=utf-8"
+    # HAProxy's option httpchk sends HTTP/1.0 and, with HEAD, reads no body.
+    _, got, headers, got_body = exchange(b"HEAD /healthz HTTP/1.0\r\n\r\n", snap)
+    assert (got, got_body, int(headers["Content-Length"])) == (code, b"", len(body))
+    # The reason phrase is what a human reading a probe failure sees.
+    ours, theirs = socket.socketpair()
+    with ours:
+        ours.sendall(b"GET /healthz?verbose HTTP/1.0\r\n\r\n")
+        metrics.serve_metrics(theirs, snap)
+        assert ours.recv(100).startswith(f"HTTP/1.0 {code} {reason}\r\n".encode())
 
 
 @pytest.mark.parametrize(

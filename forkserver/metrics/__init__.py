@@ -8,7 +8,9 @@ fork time, reads them with :func:`snapshot`, asks the kernel about each live
 child through psutil, answers with :func:`serve_metrics`, and exits:
 
 * ``GET /metrics``: Prometheus text format 0.0.4 (:func:`render_prometheus`);
-* ``GET /children``: JSON for ``forkserver status`` (:func:`render_children`).
+* ``GET /children``: JSON for ``forkserver status`` (:func:`render_children`);
+* ``GET /healthz``: 200 while serving, 503 from the moment a stop begins
+  (the parent keeps the metrics listener open until its children are done).
 
 The modules follow those steps: ``snapshot.py`` (what the child reads),
 ``prometheus.py`` (how it is written out), ``http.py`` (the one request).
@@ -21,7 +23,16 @@ level this package imports nothing the parent has not imported already.
 from __future__ import annotations
 
 from ..addresses import parse_address
-from .http import CHILDREN_PATH, LINGER, MAX_HEAD, MAX_LINGER, METRICS_PATH, TIMEOUT, serve_metrics
+from .http import (
+    CHILDREN_PATH,
+    HEALTHZ_PATH,
+    LINGER,
+    MAX_HEAD,
+    MAX_LINGER,
+    METRICS_PATH,
+    TIMEOUT,
+    serve_metrics,
+)
 from .prometheus import CONTENT_TYPE, JSON_TYPE, render_children, render_prometheus
 from .snapshot import process_stats, snapshot
 
@@ -38,6 +49,7 @@ if TYPE_CHECKING:  # the types, for callers' annotations (re-exported explicitly
 __all__ = [
     "CHILDREN_PATH",
     "CONTENT_TYPE",
+    "HEALTHZ_PATH",
     "JSON_TYPE",
     "LINGER",
     "MAX_HEAD",

@@ -17,10 +17,11 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .snapshot import Snapshot
 
-__all__ = ["CHILDREN_PATH", "METRICS_PATH", "TIMEOUT", "serve_metrics"]
+__all__ = ["CHILDREN_PATH", "HEALTHZ_PATH", "METRICS_PATH", "TIMEOUT", "serve_metrics"]
 
 METRICS_PATH = "/metrics"
 CHILDREN_PATH = "/children"
+HEALTHZ_PATH = "/healthz"
 TIMEOUT = 5.0  # for the whole request head, and again for sending the answer
 MAX_HEAD = 8192  # request line and headers; nothing else is read
 LINGER = 1.0  # at most this long reading what a client sent beyond that
@@ -60,14 +61,22 @@ def _answer(conn: socket.socket, snap: Snapshot, timeout: float) -> int:
     method, target = parts[0], parts[1].decode("ascii")
     if method not in (b"GET", b"HEAD"):
         return _respond(conn, 405, "Method Not Allowed", timeout, allow=True)
-    path = target.partition("?")[0]
+    path, head_only = target.partition("?")[0], method == b"HEAD"
+    if path == HEALTHZ_PATH:
+        # For a load balancer or an orchestrator: take this one out of
+        # rotation from the moment it begins to drain.
+        if snap["stopping"]:
+            status, reason, body = 503, "Service Unavailable", "stopping\n"
+        else:
+            status, reason, body = 200, "OK", "serving\n"
+        return _respond(conn, status, reason, timeout, body, head_only=head_only)
     if path == METRICS_PATH:
         body, ctype = render_prometheus(snap), CONTENT_TYPE
     elif path == CHILDREN_PATH:
         body, ctype = render_children(snap), JSON_TYPE
     else:
         return _respond(conn, 404, "Not Found", timeout)
-    return _respond(conn, 200, "OK", timeout, body, ctype, head_only=method == b"HEAD")
+    return _respond(conn, 200, "OK", timeout, body, ctype, head_only=head_only)
 
 
 def _respond(
@@ -81,7 +90,8 @@ def _respond(
     allow: bool = False,
 ) -> int:
     if body is None:
-        body = f"{status} {reason}: try GET {METRICS_PATH} or GET {CHILDREN_PATH}\n"
+        paths = f"{METRICS_PATH}, GET {CHILDREN_PATH} or GET {HEALTHZ_PATH}"
+        body = f"{status} {reason}: try GET {paths}\n"
     # Peers can be Unix socket paths, which may hold any bytes.
     data = body.encode("utf-8", "backslashreplace")
     head = (
@@ -99,8 +109,9 @@ def _respond(
 def serve_metrics(conn: socket.socket, snap: Snapshot, timeout: float = TIMEOUT) -> int:
     """Answer one HTTP request on *conn* from *snap*, then close *conn*.
 
-    ``GET /metrics`` (Prometheus text), ``GET /children`` (JSON), HEAD of
-    either; 404 for another path, 405 for another method, 400 for a request
+    ``GET /metrics`` (Prometheus text), ``GET /children`` (JSON),
+    ``GET /healthz`` (200 while serving, 503 once *snap* says the parent is
+    stopping), HEAD of each; 404 for another path, 405 for another method, 400 for a request
     that is not HTTP, 408 when the request head is not in within *timeout*.
     Returns the status sent, or 0 when the client went away first.
     """

@@ -61,6 +61,8 @@ if TYPE_CHECKING:
         def _idle(self) -> set[int]: ...
         @property
         def settings(self) -> SettingsView: ...
+        @property
+        def stopping(self) -> bool: ...  # a stop or an upgrade's drain has begun
 
     class ChildInfo(TypedDict):
         pid: int
@@ -70,6 +72,7 @@ if TYPE_CHECKING:
 
     class Snapshot(TypedDict):
         pid: int  # the parent's
+        stopping: bool  # draining: /healthz answers 503
         max_children: int
         spare_children: int
         accepted: int
@@ -86,7 +89,7 @@ __all__ = ["parent_stats", "process_stats", "snapshot"]
 
 
 def snapshot(server: ServerView, parent_pid: int | None = None) -> Snapshot:
-    """The server's counters and child table as plain data.
+    """The server's counters, child table and whether it is stopping, as plain data.
 
     In the scrape child, pass ``parent_pid=os.getppid()`` (or the pid read
     before fork); it defaults to the calling process, for a caller that is
@@ -106,6 +109,7 @@ def snapshot(server: ServerView, parent_pid: int | None = None) -> Snapshot:
     table = server.children
     return {
         "pid": os.getpid() if parent_pid is None else parent_pid,
+        "stopping": server.stopping,
         "max_children": server.settings.max_children,
         "spare_children": server.settings.spare_children,
         "accepted": server.accepted,

@@ -75,8 +75,16 @@ class Scraper:
         elif not self._loop.watching(fd):
             self._loop.add_reader(fd, self._scrape)
 
-    def close(self, handover: bool = False) -> None:
-        """At a stop: no more scrapes (an upgrade's new parent has its own copy)."""
+    def stop_began(self, handover: bool) -> None:
+        """A stop began: keep answering until the loop ends, so that /healthz
+        says 503 throughout the drain.  At an upgrade's handover, let go at
+        once: the new parent accepts on the same socket and is the one
+        serving, so a health check must reach it, not a parent on its way out."""
+        if handover:
+            self.close()
+
+    def close(self) -> None:
+        """No more scrapes: after the loop, or at a handover."""
         if not self.listener.closed:
             self._loop.remove_reader(self.listener.fileno())
             self.listener.close()
