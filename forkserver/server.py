@@ -93,7 +93,7 @@ class Server:
         self._handler_is_class = is_handler_class(self.RequestHandlerClass)
         self.listeners: list[Listener] = []
         # The metrics endpoint: not a serving listener (never paused, never
-        # counted); each scrape is a child forked with a snapshot (metrics.py).
+        # counted); each scrape is a child forked with a snapshot (metrics/).
         self.metrics_listener: Listener | None = None
         self._services: list[Service] = []
         self._serving = False
@@ -214,7 +214,7 @@ class Server:
         if not self._serving:
             self._parent.close()
 
-    # -- what the metrics snapshot reads (metrics.py) --------------------------
+    # -- what the metrics snapshot reads (metrics/snapshot.py) -----------------
 
     @property
     def children(self) -> ChildTable:
@@ -235,6 +235,11 @@ class Server:
     @property
     def _idle(self) -> set[int]:
         return self._parent.idle
+
+    @property
+    def stopping(self) -> bool:
+        """A stop (or an upgrade's drain) has begun: /healthz answers 503."""
+        return self._parent.stopper.stopping
 
     # -- serving ---------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """``forkserver status``: a table of a running server's live children.
 
-Asks the server's metrics listener for ``/children`` (see metrics.py) and
+Asks the server's metrics listener for ``/children`` (see metrics/) and
 prints one row per child: pid, peer, age, state, memory and CPU time, under
 a line of totals.  The address is ``--url`` or the ``metrics`` setting
 ("HOST:PORT") of the config given with ``--config``.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -19,11 +20,14 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from forkserver.testing.leaks import kill_everything
 from tests.helpers.clients import recv_to_eof
+from tests.helpers.metrics import metrics_url
+from tests.helpers.proxy import v1
 from tests.helpers.servers import ROOT, ServerProcess, StartServer, wait_until
 
 
@@ -51,11 +55,15 @@ ACCESS = re.compile(r"forkserver\.access: (\S+) pid \d+ .* exit status (\d+)")
 # -- forkserver instances ------------------------------------------------------------
 
 
-def start_instances(start_server: StartServer, count: int = 3) -> list[ServerProcess]:
-    """*count* instances, tagged s0, s1, ..., each with one PROXY protocol listener."""
+def start_instances(
+    start_server: StartServer, count: int = 3, metrics: bool = False
+) -> list[ServerProcess]:
+    """*count* instances, tagged s0, s1, ..., each with one PROXY protocol
+    listener (and with *metrics*, a metrics listener for /healthz)."""
     config = (
         "[server]\naccess_log = true\ngraceful_timeout = 10\n"
-        f'[[listen]]\ntcp = "127.0.0.1:0"\nhandler = "{TAGGED}"\nproxy_protocol = true\n'
+        + ('metrics = "127.0.0.1:0"\n' if metrics else "")
+        + f'[[listen]]\ntcp = "127.0.0.1:0"\nhandler = "{TAGGED}"\nproxy_protocol = true\n'
     )
     return [start_server(config, env={"TRANSPORT_TEST_TAG": f"s{i}"}) for i in range(count)]
 
@@ -97,6 +105,8 @@ class Haproxy:
         self.proc.wait(10)
 
 
+StartHaproxy = Callable[..., Haproxy]
+
 # The documented recipe (conf/haproxy.cfg, shown in the README) with this
 # test's ports: the frontend on the socket the test bound, one server line
 # per instance with the recipe's options, health checks every 200 ms.
@@ -121,11 +131,15 @@ def recipe_config(fd: int, ports: list[int]) -> str:
 
 
 @pytest.fixture
-def start_haproxy(tmp_path: Path) -> Iterator[Callable[[list[ServerProcess]], Haproxy]]:
+def start_haproxy(tmp_path: Path) -> Iterator[StartHaproxy]:
     """Factory: haproxy in front of *instances*; killed by process group at teardown."""
     started: list[Haproxy] = []
 
-    def start(instances: list[ServerProcess]) -> Haproxy:
+    def start(
+        instances: list[ServerProcess],
+        make_config: Callable[[int, list[ServerProcess]], str] | None = None,
+    ) -> Haproxy:
+        """*make_config(fd, instances)*: the config; the recipe's by default."""
         assert HAPROXY is not None
         n = len(started)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as frontend:
@@ -133,7 +147,10 @@ def start_haproxy(tmp_path: Path) -> Iterator[Callable[[list[ServerProcess]], Ha
             frontend.listen(128)
             fd = frontend.fileno()
             config = tmp_path / f"haproxy{n}.cfg"
-            config.write_text(recipe_config(fd, [port_of(server) for server in instances]))
+            if make_config is None:
+                config.write_text(recipe_config(fd, [port_of(server) for server in instances]))
+            else:
+                config.write_text(make_config(fd, instances))
             log = tmp_path / f"haproxy{n}.log"
             with log.open("wb") as out:
                 proc = subprocess.Popen(
@@ -196,7 +213,7 @@ def wait_serving(haproxy: Haproxy, timeout: float = 20.0) -> None:
 
 @pytest.mark.timeout(60)
 def test_health_checks_are_served_quietly(
-    start_server: StartServer, start_haproxy: Callable[[list[ServerProcess]], Haproxy]
+    start_server: StartServer, start_haproxy: StartHaproxy
 ) -> None:
     instances = start_instances(start_server)
     haproxy = start_haproxy(instances)
@@ -215,7 +232,7 @@ def test_health_checks_are_served_quietly(
 
 @pytest.mark.timeout(60)
 def test_load_is_spread_over_every_instance(
-    start_server: StartServer, start_haproxy: Callable[[list[ServerProcess]], Haproxy]
+    start_server: StartServer, start_haproxy: StartHaproxy
 ) -> None:
     instances = start_instances(start_server)
     haproxy = start_haproxy(instances)
@@ -236,7 +253,7 @@ def test_load_is_spread_over_every_instance(
 
 @pytest.mark.timeout(60)
 def test_the_handler_sees_the_real_client_address(
-    start_server: StartServer, start_haproxy: Callable[[list[ServerProcess]], Haproxy]
+    start_server: StartServer, start_haproxy: StartHaproxy
 ) -> None:
     instances = start_instances(start_server)
     haproxy = start_haproxy(instances)
@@ -306,7 +323,7 @@ class Load:
 
 @pytest.mark.timeout(90)
 def test_graceful_stop_of_one_instance_under_load_loses_nothing(
-    start_server: StartServer, start_haproxy: Callable[[list[ServerProcess]], Haproxy]
+    start_server: StartServer, start_haproxy: StartHaproxy
 ) -> None:
     instances = start_instances(start_server)
     haproxy = start_haproxy(instances)
@@ -328,6 +345,79 @@ def test_graceful_stop_of_one_instance_under_load_loses_nothing(
         parse_reply(ask(haproxy.address, b"still there?\n")[0])[0] for _ in range(12)
     )
     assert set(served_by) == {"s0", "s2"}, served_by
+    for server in instances:
+        assert not complaints(server), server.log
+    assert haproxy.proc.poll() is None, haproxy.log
+
+
+# The check lines the README's metrics section shows: HAProxy asks each
+# instance's metrics listener for /healthz (plain HTTP: no check-send-proxy).
+HEALTHZ_CHECK = ("option httpchk GET /healthz", "http-check expect status 200")
+
+
+def healthz_config(fd: int, instances: list[ServerProcess]) -> str:
+    """The recipe's frontend and backend, checked through /healthz every 100 ms."""
+    servers = [
+        f"    server s{i} 127.0.0.1:{port_of(server)} send-proxy-v2 "
+        f"check port {urlsplit(metrics_url(server)).port} inter 100ms fall 1 rise 1"
+        for i, server in enumerate(instances)
+    ]
+    return "\n".join(
+        [
+            "global",
+            "    maxconn 256",
+            "    log stdout format raw local0 info",
+            "defaults",
+            "    mode tcp",
+            "    log global",
+            "    timeout connect 2s",
+            "    timeout client 30s",
+            "    timeout server 30s",
+            "    retries 3",
+            "    option redispatch 1",
+            "frontend fe",
+            f"    bind fd@{fd}",
+            "    default_backend be",
+            "backend be",
+            "    balance roundrobin",
+            *(f"    {line}" for line in HEALTHZ_CHECK),
+            *servers,
+            "",
+        ]
+    )
+
+
+@pytest.mark.timeout(90)
+def test_healthz_takes_a_draining_instance_out_of_rotation(
+    start_server: StartServer, start_haproxy: StartHaproxy
+) -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert all(line in readme for line in HEALTHZ_CHECK), "the README shows other check lines"
+    instances = start_instances(start_server, 2, metrics=True)
+    haproxy = start_haproxy(instances, healthz_config)
+    wait_serving(haproxy)
+    served_by = Counter(parse_reply(ask(haproxy.address, b"hello\n")[0])[0] for _ in range(10))
+    assert set(served_by) == {"s0", "s1"}, served_by
+    assert " is DOWN" not in haproxy.log, haproxy.log
+    victim = instances[1]
+    # A client of the victim's that stays: it drains for as long as this is open.
+    with socket.create_connection(victim.tcp_address, timeout=10) as held:
+        held.sendall(v1("192.0.2.7", 7007))
+        victim.signal(signal.SIGTERM)
+        victim.wait_for_log("stopping: no longer accepting")
+        wait_until(lambda: "be/s1 is DOWN" in haproxy.log, 20, "haproxy to mark s1 down")
+        assert re.search(r"be/s1 is DOWN, reason: Layer7 wrong status, code: 503", haproxy.log), (
+            haproxy.log
+        )
+        assert not victim.wait_exit(0), "the victim stopped draining early"
+        served_by = Counter(
+            parse_reply(ask(haproxy.address, b"still there?\n")[0])[0] for _ in range(10)
+        )
+        assert set(served_by) == {"s0"}, served_by
+        held.sendall(b"goodbye\n")
+        assert parse_reply(recv_to_eof(held)) == ("s1", "192.0.2.7", 7007, b"goodbye\n")
+    assert victim.wait(30) == 0, victim.log
+    assert "be/s0 is DOWN" not in haproxy.log, haproxy.log
     for server in instances:
         assert not complaints(server), server.log
     assert haproxy.proc.poll() is None, haproxy.log

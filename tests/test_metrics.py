@@ -1,4 +1,4 @@
-"""Metrics (forkserver/metrics.py) and the status command (forkserver/status.py).
+"""Metrics (forkserver/metrics/) and the status command (forkserver/status.py).
 
 The children a snapshot reports are real processes this module starts (and
 ends), so psutil has something true to read; the output is parsed with
@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from forkserver import metrics, status
 from forkserver.child.stream import serve
-from forkserver.config import Settings
+from forkserver.config import ConfigError, Settings
 from forkserver.parent.children import ChildTable
 from forkserver.parent.loop import Loop
 from forkserver.server import Server
@@ -118,6 +118,7 @@ def fake_server(
     busy: list[int],
     idle: Sequence[int] = (),
     refused: dict[str, int] | None = None,
+    stopping: bool = False,
 ) -> SimpleNamespace:
     """What snapshot() reads from a Server, around a real ChildTable."""
     table = ChildTable(Loop(), lambda child: None)
@@ -134,6 +135,7 @@ def fake_server(
         children=table,
         _idle=set(idle),
         settings=SimpleNamespace(max_children=64, spare_children=len(idle)),
+        stopping=stopping,
     )
 
 
@@ -256,6 +258,10 @@ def test_snapshot_reads_a_real_server(sleepers: Sleepers) -> None:
         assert (by_pid[idle]["peer"], by_pid[idle]["state"]) == ("", "idle")
         server.refused["full"] = 99  # a snapshot is a copy
         assert snap["refused"] == {"full": 2}
+        assert snap["stopping"] is False
+        server._parent.stopper.stopping = True  # what Stopper.begin() sets first
+        assert metrics.snapshot(server)["stopping"] is True
+        server._parent.stopper.stopping = False
     finally:
         server.children.close()  # stop watching: they are the fixture's to end
         server.children._children.clear()
@@ -263,6 +269,7 @@ def test_snapshot_reads_a_real_server(sleepers: Sleepers) -> None:
 
 
 def test_importing_metrics_costs_the_parent_nothing() -> None:
+    """The package's own modules and nothing else: no psutil, json or typing."""
     code = (
         "import sys, forkserver.server; before = set(sys.modules); import forkserver.metrics; "
         "print(sorted(set(sys.modules) - before))"
@@ -270,7 +277,11 @@ def test_importing_metrics_costs_the_parent_nothing() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=20, check=True
     ).stdout
-    assert out.strip() == "['forkserver.metrics']"
+    own = [
+        "forkserver.metrics",
+        *(f"forkserver.metrics.{m}" for m in ("http", "prometheus", "snapshot")),
+    ]
+    assert out.strip() == repr(own)
 
 
 # -- the HTTP responder ------------------------------------------------------------
@@ -338,6 +349,29 @@ def test_get_children(sleepers: Sleepers) -> None:
         full = psutil.Process(pid).memory_full_info()
         assert (child["rss"], child["uss"]) == (full.rss, full.uss)
         assert 0 <= child["cpu"] < 10
+
+
+@pytest.mark.parametrize(
+    ("stopping", "code", "reason", "body"),
+    [(False, 200, "OK", b"serving\n"), (True, 503, "Service Unavailable", b"stopping\n")],
+)
+def test_healthz_says_whether_the_parent_is_stopping(
+    stopping: bool, code: int, reason: str, body: bytes
+) -> None:
+    snap = metrics.snapshot(fake_server([], stopping=stopping))
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nUser-Agent: kube-probe/1.30\r\n\r\n"
+    returned, got, headers, got_body = exchange(request, snap, half_close=False)
+    assert (returned, got, got_body) == (code, code, body)
+    assert headers["Content-Type"] == "text/plain; charset=utf-8"
+    # HAProxy's option httpchk sends HTTP/1.0 and, with HEAD, reads no body.
+    _, got, headers, got_body = exchange(b"HEAD /healthz HTTP/1.0\r\n\r\n", snap)
+    assert (got, got_body, int(headers["Content-Length"])) == (code, b"", len(body))
+    # The reason phrase is what a human reading a probe failure sees.
+    ours, theirs = socket.socketpair()
+    with ours:
+        ours.sendall(b"GET /healthz?verbose HTTP/1.0\r\n\r\n")
+        metrics.serve_metrics(theirs, snap)
+        assert ours.recv(100).startswith(f"HTTP/1.0 {code} {reason}\r\n".encode())
 
 
 @pytest.mark.parametrize(
@@ -477,16 +511,20 @@ def test_serve_metrics_as_the_run_function_of_child_serve() -> None:
     ],
 )
 def test_parse_address(text: str, expected: tuple[str, int] | None) -> None:
+    """The address parser, and the metrics setting's check (config/values.py)
+    that rejects what it cannot parse."""
     if expected is None:
         with pytest.raises(ValueError, match=r"HOST:PORT|brackets"):
             metrics.parse_address(text)
-        assert metrics.check_address(text) == (
-            f'"{text}" is not "HOST:PORT" (like "127.0.0.1:9100" or "[::1]:9100")'
+        with pytest.raises(ConfigError) as caught:
+            Settings(metrics=text)
+        assert str(caught.value) == (
+            f'server.metrics: "{text}" is not "HOST:PORT" (like "127.0.0.1:9100" or "[::1]:9100")'
         )
     else:
         assert metrics.parse_address(text) == expected
-        assert metrics.check_address(text) is None
-    assert metrics.check_address("") is None  # no metrics listener
+        assert Settings(metrics=text).metrics == text
+    assert Settings(metrics="").metrics == ""  # no metrics listener
 
 
 # -- the status command ------------------------------------------------------------

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from tests.helpers.clients import connect, echo_roundtrip, recv_to_eof, recv_until
-from tests.helpers.metrics import metrics_url, scrape
+from tests.helpers.metrics import answering_pid, health, metrics_url, scrape
 from tests.helpers.proxy import v1
-from tests.helpers.servers import ROOT, StartServer, config, wait_until
+from tests.helpers.servers import ROOT, ServerProcess, StartServer, config, wait_until
 from tests.helpers.transports import (
     DATAGRAM_ECHO,
     PROXY_REPORT,
@@ -123,3 +125,66 @@ def test_metrics_count_proxy_refusals_by_reason_and_datagrams_as_accepted(
     ok = ("forkserver_children_exited_total", (("how", "ok"),))
     wait_until(lambda: scrape(base)[ok] == 1 + 3, 20, "the served children to be reaped")
     stop_cleanly(server)
+
+
+def _held_connection(server: ServerProcess) -> socket.socket:
+    """A connection its child is serving (PidEcho greets with its pid)."""
+    held = connect(server.tcp_address)
+    recv_until(held, b"\n")
+    return held
+
+
+@pytest.mark.timeout(60)
+def test_healthz_answers_503_from_the_moment_a_stop_begins(start_server: StartServer) -> None:
+    server = start_server(
+        config("tests.helpers.services:PidEcho", metrics="127.0.0.1:0", graceful_timeout=30)
+    )
+    base = metrics_url(server)
+    assert health(base) == (200, b"serving\n")
+    held = _held_connection(server)
+    mark = len(server.lines)
+    server.signal(signal.SIGTERM)
+    server.wait_for_log("stopping: no longer accepting", start=mark)
+    # Draining: the metrics listener still answers, and says so.
+    for _ in range(3):
+        assert health(base) == (503, b"stopping\n")
+    assert scrape(base)[("forkserver_children", (("state", "busy"),))] == 1
+    assert not server.wait_exit(0)
+    held.sendall(b"last words\n")  # the connection in flight is still served
+    assert recv_until(held, b"\n") == b"last words\n"
+    held.close()
+    assert server.wait(30) == 0
+    with pytest.raises(OSError):  # closed with the parent: refused now
+        health(base)
+
+
+@pytest.mark.timeout(90)
+def test_at_an_upgrade_healthz_is_answered_by_the_new_parent(start_server: StartServer) -> None:
+    """The old parent drains, but lets go of the metrics listener at the
+    handover: both parents share that socket, and only the new one serves,
+    so no health check may reach the old one and see 503."""
+    server = start_server(
+        config("tests.helpers.services:PidEcho", metrics="127.0.0.1:0", graceful_timeout=30)
+    )
+    base = metrics_url(server)
+    assert answering_pid(base) == server.pid
+    held = _held_connection(server)
+    server.signal(signal.SIGUSR2)
+    line = server.wait_for_log(r"new parent \d+ is ready: handing over", 30)
+    new_pid = int(line.split("new parent ")[1].split()[0])
+    try:
+        for _ in range(10):
+            assert health(base) == (200, b"serving\n")
+            assert answering_pid(base) == new_pid
+        assert not server.wait_exit(0), "the old parent no longer drains the held connection"
+        held.sendall(b"to the old one\n")
+        assert recv_until(held, b"\n") == b"to the old one\n"
+        held.close()
+        assert server.wait(30) == 0
+        assert health(base) == (200, b"serving\n")
+    finally:
+        held.close()
+        os.kill(new_pid, signal.SIGTERM)
+        wait_until(lambda: not psutil.pid_exists(new_pid) or
+                   psutil.Process(new_pid).status() == psutil.STATUS_ZOMBIE,
+                   30, "the new parent to stop")  # fmt: skip

@@ -260,7 +260,7 @@ class Parent:
                 self.acceptor.on_error, limits,
             )  # fmt: skip
             self.acceptor.on_backoff = self._scraper.paused
-            self.stopper.on_stop.append(self._scraper.close)
+            self.stopper.on_stop.append(self._scraper.stop_began)
         self._scraper.paused(False)
 
     def _say_ready(self, listeners: list[Listener], handler_name: str) -> None:
@@ -291,6 +291,8 @@ class Parent:
         if self.settings.pidfile:
             pidfile.remove(self.settings.pidfile)
         self.loop.after_batch = None
+        if self._scraper is not None:  # open until now: /healthz said 503 during the drain
+            self._scraper.close()
         if self.spares is not None:
             self.stopper.take_back_from_spares()
         self.acceptor.finish()  # closes what was taken back, too

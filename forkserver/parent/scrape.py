@@ -1,8 +1,8 @@
 """The metrics listener: accept a scrape and fork a child to answer it.
 
 The parent computes nothing for a scrape: the child it forks reads the
-parent's state from its own copy of the parent's memory (metrics.py), so a
-slow or hostile scraper holds up no one.  At most MAX_SCRAPES answer at
+parent's state from its own copy of the parent's memory (metrics/snapshot.py),
+so a slow or hostile scraper holds up no one.  At most MAX_SCRAPES answer at
 once; more are closed unanswered.
 """
 
@@ -75,8 +75,16 @@ class Scraper:
         elif not self._loop.watching(fd):
             self._loop.add_reader(fd, self._scrape)
 
-    def close(self, handover: bool = False) -> None:
-        """At a stop: no more scrapes (an upgrade's new parent has its own copy)."""
+    def stop_began(self, handover: bool) -> None:
+        """A stop began: keep answering until the loop ends, so that /healthz
+        says 503 throughout the drain.  At an upgrade's handover, let go at
+        once: the new parent accepts on the same socket and is the one
+        serving, so a health check must reach it, not a parent on its way out."""
+        if handover:
+            self.close()
+
+    def close(self) -> None:
+        """No more scrapes: after the loop, or at a handover."""
         if not self.listener.closed:
             self._loop.remove_reader(self.listener.fileno())
             self.listener.close()

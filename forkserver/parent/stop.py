@@ -52,8 +52,8 @@ class Stopper:
         self._term: Timer | None = None
         self._kill: Timer | None = None
         # Called once when a stop begins, with whether it is an upgrade's
-        # handover (the metrics listener closes; a new parent not yet ready
-        # is stopped too).
+        # handover (the metrics listener is let go at a handover, else kept
+        # until the end for /healthz; a new parent not yet ready is stopped too).
         self.on_stop: list[Callable[[bool], None]] = []
 
     def begin(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import urllib.error
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -30,3 +32,19 @@ def scrape(base: str) -> Samples:
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
+
+
+def health(base: str) -> tuple[int, bytes]:
+    """``GET BASE/healthz``: (status, body), a 503 included."""
+    try:
+        with urllib.request.urlopen(f"{base}/healthz", timeout=10) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read()
+
+
+def answering_pid(base: str) -> int:
+    """The pid of the parent whose scrape child answered ``BASE/children``."""
+    with urllib.request.urlopen(f"{base}/children", timeout=10) as reply:
+        return int(json.load(reply)["pid"])
