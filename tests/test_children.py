@@ -1,10 +1,11 @@
-"""forkserver/children.py and its neighbours: reaping by exit notes, the pool's
+"""forkserver/parent/children.py and its neighbours: reaping by pidfd, the pool's
 refill, UDP handed to spares.
 
-An idle parent sleeps after a burst; a death without a note is reaped with a
-noted one; children adopted across a reload are reaped; a threaded Server's
-children keep their statuses; an empty datagram to a spare leaves the UDP
-listener alone.
+An idle parent sleeps after a burst; a child killed while another exits is
+reaped with it; children adopted across a reload are reaped; a threaded
+Server's children keep their statuses, and so do the processes a program
+embedding a Server starts itself; an empty datagram to a spare leaves the
+UDP listener alone.
 """
 
 from __future__ import annotations
@@ -119,8 +120,8 @@ _TWO_SERVERS = """
         conn.recv(1)
         sys.exit(3)
 
-    main = Server(("127.0.0.1", 0), quits)  # main thread: SIGCHLD and exit notes
-    other = Server(("127.0.0.1", 0), quits)  # a thread of its own: pidfds
+    main = Server(("127.0.0.1", 0), quits)  # main thread: signals handled
+    other = Server(("127.0.0.1", 0), quits)  # a thread of its own: no signals
     N = 40
 
     def ask(server):
@@ -131,7 +132,7 @@ _TWO_SERVERS = """
 
     def drive():
         try:
-            ask(main)  # main is serving: its exit-notes pipe exists
+            ask(main)  # main is serving
             for _ in range(N):
                 ask(other)
             deadline = time.monotonic() + 10
@@ -172,3 +173,73 @@ def test_a_threaded_server_keeps_its_childrens_exit_statuses(tmp_path: Path) -> 
     [line] = [line for line in out.splitlines() if line.startswith("RESULT")]
     other_errors, main_errors = map(int, line.split()[1:])
     assert (other_errors, main_errors) == (40, 1)
+
+
+_EMBEDDING_PROGRAM = """
+    import os, socket, subprocess, sys, threading
+    from forkserver import Server
+
+    def echo(conn, addr):
+        while data := conn.recv(4096):
+            conn.sendall(data)
+
+    server = Server(("127.0.0.1", 0), echo)  # serve_forever() in the main thread
+    ROUNDS = 20
+    statuses = []
+
+    def load():
+        for _ in range(200):  # children forked and reaped all the while
+            with socket.create_connection(server.server_address[:2], timeout=10) as s:
+                s.sendall(b"ping")
+                s.shutdown(socket.SHUT_WR)
+                assert s.recv(10) == b"ping"
+
+    def own_children():
+        try:
+            loader = threading.Thread(target=load)
+            loader.start()
+            for i in range(ROUNDS):
+                code = i % 7 + 1  # never 0: a status lost to someone else's waitpid reads 0
+                done = subprocess.run([sys.executable, "-c", f"raise SystemExit({code})"])
+                statuses.append(("run", code, done.returncode))
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(code + 10)
+                _, status = os.waitpid(pid, 0)
+                statuses.append(("fork", code + 10, os.waitstatus_to_exitcode(status)))
+            loader.join()
+            print("RESULT", repr(statuses), len(server.children), flush=True)
+        finally:
+            server.shutdown()
+
+    threading.Thread(target=own_children).start()
+    server.serve_forever()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_program_embedding_a_server_keeps_its_own_childrens_statuses(tmp_path: Path) -> None:
+    """CPython fixed socketserver for this in 2007 (issue 1540386): a server
+    must reap only its own children, or subprocess.run() and os.waitpid() in
+    the program around it lose their statuses (or fail with ECHILD)."""
+    script = tmp_path / "embedding.py"
+    script.write_text(textwrap.dedent(_EMBEDDING_PROGRAM))
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=50)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    assert proc.returncode == 0, err
+    [line] = [line for line in out.splitlines() if line.startswith("RESULT")]
+    statuses = eval(line.split(" ", 1)[1].rsplit(" ", 1)[0])  # the repr printed above
+    assert len(statuses) == 40
+    assert all(expected == got for _, expected, got in statuses), statuses
