@@ -501,6 +501,48 @@ def _other_load(compare: dict[str, Any] | None) -> tuple[float, float] | None:
     return statistics.median(values), max(values)
 
 
+# Issue 11's targets, as ratios to a reference measured in the same run:
+# (key in compare's "targets", what, limit, higher is better).
+FLOOR_TARGETS = (
+    ("conn_per_s_8", "conn/s at 8 clients", 0.75, True),
+    ("conn_per_s_32", "conn/s at 32 clients", 0.75, True),
+    ("p50_ms_1", "p50 at 1 client", None, False),
+    ("faults_per_conn", "page faults per connection (parent + children)", 1.5, False),
+)
+P50_LIMITS = {"forkserver": 1.3, "forkserver-pool": 1.0}  # x the lean floor's p50
+
+
+def _floor_targets(compare: dict[str, Any] | None) -> list[str]:
+    """Issue 11's targets: forkserver and its pool against the lean Python
+    floor and tcpserver, from bench.compare's own ratios."""
+    if not compare or not compare.get("targets"):
+        return []
+    rows: list[list[str]] = []
+    for t in compare["targets"]:
+        server, ref = t["server"], t["reference"]
+        for key, what, floor_limit, higher in FLOOR_TARGETS:
+            value = t.get(key)
+            if ref == "tcpserver" and key not in ("conn_per_s_8", "conn_per_s_32"):
+                continue  # against tcpserver only "ahead of it" counts
+            if ref == "tcpserver":
+                limit = 1.0
+            elif floor_limit is None:  # p50: its own limit per server
+                limit = P50_LIMITS.get(server, 1.0)
+            else:
+                limit = floor_limit
+            if value is None:
+                rows.append([f"{server} / {ref}: {what}", "-", "not measured"])
+                continue
+            ok = value >= limit if higher else value <= limit
+            sign = ">=" if higher else "<="
+            rows.append(
+                [f"{server} / {ref}: {what} {sign} {limit:g}x", f"{value:.2f}",
+                 "met" if ok else "**not met**"]
+            )  # fmt: skip
+    return ["## Issue 11 targets (ratios to the lean floor and tcpserver, one run)", "",
+            *_table(["target", "measured", ""], rows, text_columns=3)]  # fmt: skip
+
+
 def render(out: Path, command: str, quick: bool) -> str:
     """RESULTS.md text from the ``*-latest.json`` files in *out*."""
     compare, fork, memory, scale, bulk = (_load(out, name) for name in SCRIPTS)
@@ -556,6 +598,7 @@ def render(out: Path, command: str, quick: bool) -> str:
         "",
     ]
     sections = [
+        _floor_targets(compare),
         _targets(compare, fork, memory, scale, bulk),
         _compare(compare) if compare else [],
         _fork_cost(fork) if fork else [],
