@@ -51,8 +51,10 @@ def address_problem(value: str, example_port: int) -> str | None:
     try:
         parse_address(value)
     except ValueError:
+        from .config.text import show  # the value escaped and cut: it may hold anything
+
         like = f'"127.0.0.1:{example_port}" or "[::1]:{example_port}"'
-        return f'"{value}" is not "HOST:PORT" (like {like})'
+        return f'{show(value)} is not "HOST:PORT" (like {like})'
     return None
 
 
