@@ -229,7 +229,7 @@ def test_empty_paths_stay_off_and_settings_from_python_stay_as_given(tmp_path: P
     path.write_text('[server]\npidfile = ""\nlog_file = ""\nunix = []\n')
     settings = load(str(path))
     assert (settings.pidfile, settings.log_file, settings.unix) == ("", "", ())
-    assert Settings(unix="app.sock").unix == ("app.sock",)
+    assert Settings(unix=("app.sock",)).unix == ("app.sock",)
 
 
 def _table_rows(listen: bool = False) -> list[list[str]]:
@@ -456,6 +456,15 @@ CASES: dict[str, Bad] = {
     "unix-in-a-missing-directory": Bad(
         _server('unix = "/no-such-dir-xyz/app.sock"'),
         ('server.unix: directory "/no-such-dir-xyz" does not exist',),
+    ),
+    # Host names getaddrinfo() would refuse with a UnicodeError, after --check.
+    "host-label-too-long": Bad(
+        _server(f'host = "{"h" * 64}.example"'),
+        (f'server.host: "{"h" * 60}..." (72 characters) is not a host name or IP address',),
+    ),
+    "metrics-empty-label": Bad(
+        _server('metrics = "a..b:9100"'),
+        ('server.metrics: "a..b" is not a host name or IP address',),
     ),
     "user-unknown": Bad(
         _server('user = "no_such_user_xyz"'), ('server.user: no user "no_such_user_xyz" on this',)

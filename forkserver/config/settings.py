@@ -17,7 +17,13 @@ from .fields import Table, deferred_dataclass, setting
 from .listen import Listen, check_unique
 from .paths import check_log_file, check_pidfile, check_socket_paths
 from .text import show
-from .values import check_account, check_address, check_early_drop, check_networks
+from .values import (
+    check_account,
+    check_address,
+    check_early_drop,
+    check_hosts,
+    check_networks,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -42,6 +48,7 @@ class Settings(Table):
         '(IPv4 and IPv6), `""` means all IPv4 addresses, `[]` means no TCP listener.',
         cli="--host",
         metavar="HOST",
+        check=check_hosts,
     )
     port: int = setting(
         8000,

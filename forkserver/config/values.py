@@ -8,7 +8,7 @@ runtime modules import the config's parsing, never the other way round.
 
 from __future__ import annotations
 
-from ..addresses import address_problem
+from ..addresses import address_problem, parse_address
 from .text import show
 
 TYPE_CHECKING = False
@@ -19,6 +19,7 @@ __all__ = [
     "check_account",
     "check_address",
     "check_early_drop",
+    "check_hosts",
     "check_networks",
     "parse_early_drop",
 ]
@@ -75,10 +76,21 @@ def check_account(kind: str) -> Callable[[str], str | None]:
     return check
 
 
+def check_hosts(values: tuple[str, ...]) -> str | None:
+    """Host names or addresses that getaddrinfo() can take: it encodes a name with
+    IDNA, which refuses an empty label ("a..b") or one of over 63 characters."""
+    for host in values:
+        try:
+            host.encode("idna")
+        except UnicodeError:
+            return f"{show(host)} is not a host name or IP address"
+    return None
+
+
 def check_address(example_port: int) -> Callable[[str], str | None]:
     """The check of a "HOST:PORT" setting; its message suggests *example_port*."""
 
     def check(value: str) -> str | None:
-        return address_problem(value, example_port)
+        return address_problem(value, example_port) or check_hosts((parse_address(value)[0],))
 
     return check
