@@ -453,6 +453,10 @@ CASES: dict[str, Bad] = {
         _server(f'unix = "/tmp/{"s" * 200}"'),
         ("server.unix:", "(205 characters) is 205 bytes, over the 107 a socket path may have"),
     ),
+    "unix-empty-path": Bad(
+        _server('unix = ["s.sock", ""]'),
+        ('server.unix: a socket path cannot be empty ("unix = []" means none)',),
+    ),
     "unix-in-a-missing-directory": Bad(
         _server('unix = "/no-such-dir-xyz/app.sock"'),
         ('server.unix: directory "/no-such-dir-xyz" does not exist',),

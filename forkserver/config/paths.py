@@ -112,6 +112,8 @@ def check_socket_paths(values: str | tuple[str, ...]) -> str | None:
     """Unix socket paths: short enough for the kernel, in a writable directory.
     (What is at the path already is the bind's to judge: a stale socket is replaced.)"""
     for path in (values,) if isinstance(values, str) else values:
+        if not path:  # in a list: "" would make a listener without an address
+            return 'a socket path cannot be empty ("unix = []" means none)'
         if problem := _unusable(path):
             return problem
         size = len(os.fsencode(path))
