@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -252,14 +253,21 @@ def test_handler_module_in_working_directory_is_importable_via_console_script(
 # -- paths: relative to the config file, or to the working directory on the command line
 
 
-def test_relative_paths_in_a_config_are_relative_to_its_directory(
-    forkserver: ServerFactory, tmp_path: Path
-) -> None:
+def _config_elsewhere(tmp_path: Path, **settings: Any) -> tuple[Path, Path, Path]:
+    """A config with *settings* in tmp_path/service, and another directory to run in:
+    (the config's directory, the working directory, the config file)."""
     service, elsewhere = tmp_path / "service", tmp_path / "elsewhere"
     service.mkdir()
     elsewhere.mkdir()
     path = service / "app.toml"
-    path.write_text(config(host=[], unix="app.sock", pidfile="app.pid"))
+    path.write_text(config(host=[], **settings))
+    return service, elsewhere, path
+
+
+def test_relative_paths_in_a_config_are_relative_to_its_directory(
+    forkserver: ServerFactory, tmp_path: Path
+) -> None:
+    service, elsewhere, path = _config_elsewhere(tmp_path, unix="app.sock", pidfile="app.pid")
     server = forkserver.start("--config", str(path), handler=ECHO, cwd=elsewhere)
     assert server.listening == [f"unix:{service / 'app.sock'}"]
     assert echo_roundtrip(str(service / "app.sock"), b"beside its config") == b"beside its config"
@@ -271,11 +279,7 @@ def test_relative_paths_in_a_config_are_relative_to_its_directory(
 def test_relative_paths_on_the_command_line_are_relative_to_the_working_directory(
     forkserver: ServerFactory, tmp_path: Path
 ) -> None:
-    service, elsewhere = tmp_path / "service", tmp_path / "elsewhere"
-    service.mkdir()
-    elsewhere.mkdir()
-    path = service / "app.toml"
-    path.write_text(config(host=[], unix="app.sock"))
+    service, elsewhere, path = _config_elsewhere(tmp_path, unix="app.sock")
     args = ("--config", str(path), "--unix", "cwd.sock", "--pidfile", "cwd.pid")
     server = forkserver.start(*args, handler=ECHO, cwd=elsewhere)
     assert server.listening == ["unix:cwd.sock"]

@@ -9,10 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -27,8 +24,10 @@ from hypothesis import strategies as st
 from forkserver.config import ConfigError, Listen, Settings, load
 from forkserver.config.checking import field_types
 from forkserver.config.text import MAX_MESSAGE
+from forkserver.testing.config import environment
+from forkserver.testing.process import NotReady, ServerProcess
 from tests.helpers.fuzz import fuzz_timeout, subprocess_examples
-from tests.helpers.servers import ROOT
+from tests.helpers.servers import ROOT, run_forkserver
 
 ECHO = "forkserver.examples.echo:EchoHandler"
 SERVER_KEYS = [f.name for f in dataclasses.fields(Settings)]
@@ -245,50 +244,20 @@ def risky_configs(draw: st.DrawFn) -> dict[str, Any]:
     return server
 
 
-def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "forkserver", *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        errors="backslashreplace",
-        env=env,
-        cwd=cwd,
-        timeout=30,
-        check=False,
-    )
-
-
 def start_and_stop(args: list[str], cwd: Path) -> tuple[int, str]:
-    """Start a server, wait for its ready line or its exit, then SIGTERM it: the exit
-    status and what it printed.  Its whole session is killed in any case."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "forkserver", *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="backslashreplace",
-        env=env,
-        cwd=cwd,
-        start_new_session=True,
-    )
-    assert proc.stderr is not None
-    lines = []
+    """Start a server with the project's own harness, wait for its ready line or its
+    exit, then stop it (SIGTERM): the exit status and its log.  Its whole process
+    group is killed in any case."""
+    argv = [sys.executable, "-m", "forkserver", *args]
+    server = ServerProcess(argv, env=environment(ROOT, {}), cwd=cwd, name="forkserver")
     try:
-        for line in proc.stderr:
-            lines.append(line)
-            if "forkserver ready" in line:
-                proc.send_signal(signal.SIGTERM)
-        return proc.wait(30), "".join(lines)
-    finally:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+            server.wait_ready(30)
+        except NotReady:
+            pass  # it exited: stop() collects its status and the rest of its log
+        return server.stop(30), server.log
+    finally:
+        server.kill_group()
 
 
 @fuzz_timeout
@@ -303,7 +272,7 @@ def test_cli_exits_0_or_2_with_one_line_and_a_passed_check_starts(
     cwd = Path(tempfile.mkdtemp(dir=workdir))
     path = cwd / "fuzz.toml"
     path.write_text(document(server, []))
-    checked = run(["--config", str(path), "--check"], cwd)
+    checked = run_forkserver("--config", str(path), "--check", cwd=cwd, timeout=30)
     assert checked.returncode in (0, 2), checked.stderr
     assert checked.stdout == ""
     assert len(checked.stderr.splitlines()) == 1, checked.stderr
@@ -320,7 +289,7 @@ def test_cli_exits_0_or_2_with_one_line_and_a_passed_check_starts(
     assert "Traceback" not in log, log
     if status == 1:  # an address the check cannot know is unusable: one line, nothing served
         event("start: could not bind")
-        assert re.fullmatch(r"forkserver: (metrics: )?cannot (listen on|resolve) [^\n]*\n", log)
+        assert re.fullmatch(r"forkserver: (metrics: )?cannot (listen on|resolve) [^\n]*", log), log
         return
     event("started and stopped")
     assert "forkserver ready" in log, log
