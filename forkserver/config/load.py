@@ -13,10 +13,10 @@ import sys
 import tomllib
 
 from ..errors import ConfigError
-from .text import show, show_key
 from .listen import LISTEN_TABLE, Listen
 from .paths import resolve_paths
 from .settings import TABLE, Settings
+from .text import show, show_key
 
 __all__ = ["load"]
 
