@@ -1,4 +1,6 @@
-"""forkserver/config/: Settings, load() and the reference table (bad configs: test_config_errors.py)."""
+"""forkserver/config/: Settings, load() and the reference table.
+
+Bad configs through the CLI: test_config_errors.py."""
 
 from __future__ import annotations
 
