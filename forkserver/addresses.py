@@ -13,7 +13,18 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["address_problem", "format_address", "host_port", "listen_key", "parse_address"]
+__all__ = [
+    "BIND_FORMS",
+    "address_problem",
+    "format_address",
+    "host_port",
+    "listen_key",
+    "parse_address",
+    "parse_bind",
+]
+
+# What --bind accepts, as gunicorn's --bind does, plus a prefix for UDP and TLS.
+BIND_FORMS = "HOST:PORT, [V6]:PORT, unix:PATH, udp:HOST:PORT, tls:HOST:PORT or tls:unix:PATH"
 
 
 def host_port(host: str, port: int) -> str:
@@ -51,9 +62,30 @@ def address_problem(value: str, example_port: int) -> str | None:
     try:
         parse_address(value)
     except ValueError:
+        from .config.text import show  # the value escaped and cut: it may hold anything
+
         like = f'"127.0.0.1:{example_port}" or "[::1]:{example_port}"'
-        return f'"{value}" is not "HOST:PORT" (like {like})'
+        return f'{show(value)} is not "HOST:PORT" (like {like})'
     return None
+
+
+def parse_bind(text: str) -> tuple[str, str, bool]:
+    """``(kind, address, tls)`` from a ``--bind`` value; *kind* is "tcp", "udp" or "unix",
+    as a ``[[listen]]`` table's key.  Raises ValueError saying what is wrong."""
+    tls = text.startswith("tls:")
+    rest = text.removeprefix("tls:")
+    kind = "unix" if rest.startswith("unix:") else "udp" if rest.startswith("udp:") else "tcp"
+    address = rest.removeprefix(f"{kind}:") if kind != "tcp" else rest
+    if tls and kind == "udp":
+        raise ValueError("TLS is for streams (tcp, unix), not udp")
+    if not address:
+        raise ValueError(f"no address after {kind}:")
+    if kind != "unix":
+        try:
+            parse_address(address)
+        except ValueError:  # its message repeats the text: the caller shows it, escaped
+            raise ValueError("not HOST:PORT with a port 0-65535") from None
+    return kind, address, tls
 
 
 def listen_key(spec: Any) -> tuple[str, ...]:

@@ -21,6 +21,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Sequence
+    from typing import NoReturn
 
     from .config import Settings
 
@@ -31,12 +32,25 @@ def _parser() -> argparse.ArgumentParser:
     import argparse
 
     from . import __version__
-    from .config import cli_flags, field_type
+    from .addresses import BIND_FORMS
+    from .config import cli_flags, field_type, listen_flags, metavar
+    from .status import _parser as status_parser
 
-    parser = argparse.ArgumentParser(
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            """A usage error as one line, like every other error (exit 2)."""
+            from .config.text import one_line
+
+            self.exit(EXIT_USAGE, f"forkserver: {one_line(message)} (see forkserver --help)\n")
+
+    status_usage = status_parser().format_usage().removeprefix("usage: ").strip()
+    parser = Parser(
         prog="forkserver",
-        description="Serve each TCP or Unix-socket connection in its own forked child.",
-        epilog="Settings come from the config's [server] table; flags override them. "
+        usage="%(prog)s [-c FILE] [--check] [--bind ADDRESS]... [OPTIONS]\n       " + status_usage,
+        description="Serve each TCP, UDP or Unix-socket connection in its own forked child.",
+        epilog="Settings come from the config's [server] and [[listen]] tables; flags "
+        "override them. Relative paths in a config file are relative to its directory; "
+        "on the command line, to the working directory. "
         "'forkserver status --help': the live children of a running server.",
     )
     parser.add_argument("-c", "--config", metavar="FILE", help="TOML config file")
@@ -46,19 +60,51 @@ def _parser() -> argparse.ArgumentParser:
         help="validate the config and import the handler, then exit (0 ok, 2 error)",
     )
     parser.add_argument("--version", action="version", version=f"forkserver {__version__}")
-    for flag, f in cli_flags():
+    parser.add_argument(
+        "-b",
+        "--bind",
+        action="append",
+        metavar="ADDRESS",
+        help=f"listen here, instead of the config's listeners; repeatable. {BIND_FORMS}",
+    )
+    for flag, f in [*cli_flags(), *listen_flags()]:
         kind = field_type(f)
-        kwargs: dict[str, object] = {"dest": f.name, "default": None, "help": f.metadata["help"]}
-        if kind is int:
-            kwargs.update(type=int, metavar="N")
-        elif kind is float:
-            kwargs.update(type=float, metavar="SECONDS")
-        elif kind is str:
-            kwargs["metavar"] = "LEVEL" if f.metadata["choices"] else "VALUE"
-        else:  # a list setting: the flag may be repeated
-            kwargs.update(action="append", metavar="ADDR")
+        kwargs: dict[str, object] = {"dest": f.name, "default": None, "metavar": metavar(f)}
+        kwargs["help"] = f.metadata["help"]
+        if kind in (int, float):
+            kwargs["type"] = kind
+        elif kind is not str:  # a list setting: the flag may be repeated
+            kwargs["action"] = "append"
         parser.add_argument(flag, **kwargs)  # type: ignore[arg-type]
     return parser
+
+
+def _bind_tables(args: argparse.Namespace) -> list[dict[str, str]]:
+    """The [[listen]] tables that ``--bind`` (with ``--tls-cert``/``--tls-key``) gives."""
+    from .addresses import BIND_FORMS, parse_bind
+    from .config import ConfigError
+    from .config.text import show
+
+    tables = []
+    for text in args.bind or ():
+        try:
+            kind, address, tls = parse_bind(text)
+        except ValueError as exc:
+            raise ConfigError(
+                f"command line: --bind {show(text)}: {exc} (expected {BIND_FORMS})"
+            ) from None
+        table = {kind: address}
+        if tls:
+            if not (args.tls_cert and args.tls_key):
+                raise ConfigError(
+                    f"command line: --bind {show(text)} needs --tls-cert FILE and --tls-key FILE"
+                )
+            table.update(tls_cert=args.tls_cert, tls_key=args.tls_key)
+        tables.append(table)
+    if (args.tls_cert or args.tls_key) and not any("tls_cert" in t for t in tables):
+        flag = "--tls-cert" if args.tls_cert else "--tls-key"
+        raise ConfigError(f"command line: {flag} is for a --bind tls:HOST:PORT listener")
+    return tables
 
 
 def _settings(args: argparse.Namespace, activated: bool = False) -> Settings:
@@ -69,9 +115,13 @@ def _settings(args: argparse.Namespace, activated: bool = False) -> Settings:
         f.name: getattr(args, f.name) for _, f in cli_flags() if getattr(args, f.name) is not None
     }
     where = args.config or "command line"
-    if settings.listen and (clash := sorted({"host", "port", "unix"} & set(overrides))):
-        flag = "--" + clash[0]
-        raise ConfigError(f"{where}: {flag} cannot be combined with [[listen]] tables")
+    clash = sorted({"host", "port", "unix"} & set(overrides))
+    if clash and args.bind:
+        raise ConfigError(f"command line: --{clash[0]} cannot be combined with --bind")
+    if clash and settings.listen:
+        raise ConfigError(f"{where}: --{clash[0]} cannot be combined with [[listen]] tables")
+    if tables := _bind_tables(args):
+        overrides["listen"] = tables  # replace the config's listeners, as the flags do
     if overrides:
         settings = settings.replace("command line", **overrides)
     specs = settings.listeners()
@@ -123,17 +173,12 @@ def _start(argv: list[str]) -> int:
                 import_handler(spec.handler or settings.handler, where)
                 if spec.tls_cert:
                     tls_context(spec, where)
-            print(f"forkserver: {where}: config OK", file=sys.stderr)
-            return EXIT_OK
+            return _say(f"{where}: config OK", EXIT_OK)
     except ConfigError as exc:
-        print(f"forkserver: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _say(str(exc), EXIT_USAGE)
+    # The config's checks saw to the pidfile's directory; this is the one thing left.
     if settings.pidfile and not handover and (other := pidfile.running(settings.pidfile)):
-        print(f"forkserver: {settings.pidfile}: already running as pid {other}", file=sys.stderr)
-        return EXIT_FAILURE
-    if settings.pidfile and not os.access(os.path.dirname(settings.pidfile) or ".", os.W_OK):
-        print(f"forkserver: pidfile {settings.pidfile}: directory not writable", file=sys.stderr)
-        return EXIT_FAILURE
+        return _say(f"{settings.pidfile}: already running as pid {other}", EXIT_FAILURE)
     s = settings
     inherited = [Listener.adopt(**info) for info in (handover or {}).get("listeners", [])]
     try:
@@ -145,24 +190,30 @@ def _start(argv: list[str]) -> int:
             )
     except BindError as exc:
         if not inherited:
-            print(f"forkserver: {exc}", file=sys.stderr)
-            return EXIT_FAILURE
+            return _say(str(exc), EXIT_FAILURE)
         # A reload must not take the server down: serve on what we had.
         log.get_logger("forkserver.cli").error("%s; keeping the listeners we had", exc)
         listeners = [lis for lis in inherited if lis.key[:1] != ("metrics",)]
     try:
         metrics_listener = open_metrics_listener(s.metrics, s.backlog, inherited)
     except BindError as exc:
-        print(f"forkserver: metrics: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _say(f"metrics: {exc}", EXIT_FAILURE)
     if settings.log_file:  # only now: errors before this belong on the terminal
         try:
             log.reopen(settings.log_file)
         except OSError as exc:
-            print(f"forkserver: log_file {settings.log_file}: {exc.strerror}", file=sys.stderr)
-            return EXIT_FAILURE
+            return _say(f"log_file {settings.log_file}: {exc.strerror}", EXIT_FAILURE)
     try:
         exec_lean_parent(settings, where, listeners, argv, handover, metrics_listener)
     except OSError as exc:
-        print(f"forkserver: cannot start the serving parent: {exc}", file=sys.stderr)
-    return EXIT_FAILURE  # reached only when the exec failed
+        return _say(f"cannot start the serving parent: {exc}", EXIT_FAILURE)
+    return EXIT_FAILURE  # not reached: exec_lean_parent returns only by raising
+
+
+def _say(message: str, status: int) -> int:
+    """Print *message* on stderr as one line, escaped (it may quote any value), and
+    return *status*, the exit status."""
+    from .config.text import one_line
+
+    print(f"forkserver: {one_line(message)}", file=sys.stderr)
+    return status

@@ -11,12 +11,16 @@ from pathlib import Path
 import pytest
 
 from forkserver.testing.pytest_plugin import ServerFactory, ServerProcess
+from tests.helpers.fuzz import register_profiles
 from tests.helpers.servers import StartServer
 from tests.helpers.tls import Pki, make_pki
 
 # Every server the suite starts checks, at each fork, that the list of fds a
 # child closes is not stale (forkserver/parent/fork.py).
 os.environ["FORKSERVER_CHECK_FDS"] = "1"
+
+# Hypothesis: a few seconds a property, or a long fuzz with FORKSERVER_FUZZ=1.
+register_profiles()
 
 
 @pytest.fixture

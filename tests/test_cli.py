@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -15,7 +16,13 @@ import pytest
 import forkserver
 from forkserver.testing.pytest_plugin import ServerFactory
 from tests.helpers.clients import echo_roundtrip, occupy_port
-from tests.helpers.servers import ROOT, ServerProcess, StartServer, config, run_forkserver
+from tests.helpers.servers import (
+    ROOT,
+    ServerProcess,
+    StartServer,
+    config,
+    run_forkserver,
+)
 from tests.helpers.services import DEBUG_RECORD, WARNING_RECORD
 
 ECHO = "forkserver.examples.echo:EchoHandler"
@@ -233,3 +240,42 @@ def test_handler_module_in_working_directory_is_importable_via_console_script(
     assert "handler mymod:handler" in srv.log
     assert echo_roundtrip(srv.tcp_address, b"from cwd") == b"FROM CWD"
     assert srv.stop() == 0
+
+
+# -- paths: relative to the config file, or to the working directory on the command line
+
+
+def _config_elsewhere(tmp_path: Path, **settings: Any) -> tuple[Path, Path, Path]:
+    """A config with *settings* in tmp_path/service, and another directory to run in:
+    (the config's directory, the working directory, the config file)."""
+    service, elsewhere = tmp_path / "service", tmp_path / "elsewhere"
+    service.mkdir()
+    elsewhere.mkdir()
+    path = service / "app.toml"
+    path.write_text(config(host=[], **settings))
+    return service, elsewhere, path
+
+
+def test_relative_paths_in_a_config_are_relative_to_its_directory(
+    forkserver: ServerFactory, tmp_path: Path
+) -> None:
+    service, elsewhere, path = _config_elsewhere(tmp_path, unix="app.sock", pidfile="app.pid")
+    server = forkserver.start("--config", str(path), handler=ECHO, cwd=elsewhere)
+    assert server.listening == [f"unix:{service / 'app.sock'}"]
+    assert echo_roundtrip(str(service / "app.sock"), b"beside its config") == b"beside its config"
+    assert (service / "app.pid").read_text() == f"{server.pid}\n"
+    assert sorted(p.name for p in elsewhere.iterdir()) == []
+    assert server.stop() == 0
+
+
+def test_relative_paths_on_the_command_line_are_relative_to_the_working_directory(
+    forkserver: ServerFactory, tmp_path: Path
+) -> None:
+    service, elsewhere, path = _config_elsewhere(tmp_path, unix="app.sock")
+    args = ("--config", str(path), "--unix", "cwd.sock", "--pidfile", "cwd.pid")
+    server = forkserver.start(*args, handler=ECHO, cwd=elsewhere)
+    assert server.listening == ["unix:cwd.sock"]
+    assert echo_roundtrip(str(elsewhere / "cwd.sock"), b"from cwd") == b"from cwd"
+    assert (elsewhere / "cwd.pid").read_text() == f"{server.pid}\n"
+    assert not (service / "app.sock").exists()
+    assert server.stop() == 0

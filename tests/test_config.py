@@ -1,19 +1,16 @@
-"""forkserver/config.py: Settings, load() and the reference table; bad configs via the CLI."""
+"""forkserver/config/: Settings, load() and the reference table.
+
+Bad configs through the CLI: test_config_errors.py."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from forkserver.config import ConfigError, Listen, Settings, load, reference_table
-from tests.helpers.servers import assert_config_refused, run_forkserver
 
 # -- Settings ---------------------------------------------------------------
 
@@ -195,11 +192,47 @@ def test_load_of_empty_file_gives_defaults(tmp_path: Path) -> None:
     assert load(str(path)) == Settings()
 
 
+def test_load_joins_relative_paths_to_the_config_files_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "etc" / "run").mkdir(parents=True)
+    for name in ("cert.pem", "key.pem", "ca.pem"):
+        (tmp_path / "etc" / name).write_text("pem\n")
+    (tmp_path / "etc" / "plain.toml").write_text(
+        '[server]\npidfile = "run/app.pid"\nlog_file = "app.log"\n'
+        'unix = ["app.sock", "/tmp/abs.sock"]\n'
+    )
+    (tmp_path / "etc" / "tables.toml").write_text(
+        '[server]\npidfile = "/tmp/abs.pid"\n\n[[listen]]\nunix = "app.sock"\n\n'
+        '[[listen]]\ntcp = "127.0.0.1:0"\ntls_cert = "cert.pem"\ntls_key = "key.pem"\n'
+        'tls_client_ca = "ca.pem"\n'
+    )
+    monkeypatch.chdir(tmp_path)  # a relative config path gives paths relative to the same cwd
+    plain = load("etc/plain.toml")
+    assert (plain.pidfile, plain.log_file) == ("etc/run/app.pid", "etc/app.log")
+    assert plain.unix == ("etc/app.sock", "/tmp/abs.sock")
+    tables = load(str(tmp_path / "etc" / "tables.toml"))
+    assert tables.pidfile == "/tmp/abs.pid"
+    unix, tls = tables.listen
+    assert unix.unix == str(tmp_path / "etc" / "app.sock")
+    assert (tls.tls_cert, tls.tls_key, tls.tls_client_ca) == tuple(
+        str(tmp_path / "etc" / name) for name in ("cert.pem", "key.pem", "ca.pem")
+    )
+    assert load(str(tmp_path / "etc" / "plain.toml")).log_file == str(tmp_path / "etc" / "app.log")
+
+
+def test_empty_paths_stay_off_and_settings_from_python_stay_as_given(tmp_path: Path) -> None:
+    path = tmp_path / "off.toml"
+    path.write_text('[server]\npidfile = ""\nlog_file = ""\nunix = []\n')
+    settings = load(str(path))
+    assert (settings.pidfile, settings.log_file, settings.unix) == ("", "", ())
+    assert Settings(unix=("app.sock",)).unix == ("app.sock",)
+
+
 def _table_rows(listen: bool = False) -> list[list[str]]:
     server, _, rest = reference_table().partition("\n\n")
     lines = (rest.split("\n\n", 1)[1] if listen else server).splitlines()
-    header = "| key | default | meaning |" if listen else "| key | default | flag | meaning |"
-    assert lines[0] == header
+    assert lines[0] == "| key | default | flag | meaning |"
     return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines[2:]]
 
 
@@ -212,201 +245,9 @@ def test_reference_table_lists_every_field_exactly_once_in_order() -> None:
 
 def test_reference_table_rows_say_default_flag_and_expectation() -> None:
     rows = {row[0].strip("`"): row for row in _table_rows()}
-    assert rows["port"][1:3] == ["`8000`", "`--port`"]
+    assert rows["port"][1:3] == ["`8000`", "`--port PORT`"]
     assert rows["handler"][1] == "(required)"
     assert rows["unix_mode"][1:3] == ["`0o666`", ""]
     for key, row in rows.items():
         assert len(row) == 4, key
         assert "Expects " in row[3], key
-
-
-# -- bad configs through the real CLI -----------------------------------------
-
-
-@dataclass(frozen=True)
-class Bad:
-    """A bad config file: its bytes and the fragments the one error line must contain."""
-
-    body: bytes | None  # None: no file at the path
-    says: tuple[str, ...]
-    make: Callable[[Path], None] | None = None  # builds the path instead of writing body
-    skip_as_root: bool = False
-
-
-def _directory(path: Path) -> None:
-    path.mkdir()
-
-
-def _unreadable(path: Path) -> None:
-    path.write_bytes(_server())
-    path.chmod(0)
-
-
-def _server(*lines: str) -> bytes:
-    """A good [server] table (loopback, port 0, echo) with *lines* ("key = value") replacing
-    or adding keys, so that each case has exactly one thing wrong."""
-    values = {
-        "host": '"127.0.0.1"',
-        "port": "0",
-        "handler": '"forkserver.examples.echo:EchoHandler"',
-    }
-    for line in lines:
-        key, _, value = line.partition(" = ")
-        values[key] = value
-    return ("[server]\n" + "".join(f"{k} = {v}\n" for k, v in values.items())).encode()
-
-
-def _handler(spec: str) -> bytes:
-    return _server(f'handler = "{spec}"')
-
-
-CASES: dict[str, Bad] = {
-    "unknown-key": Bad(_server("prot = 8000"), ("unknown key server.prot", 'did you mean "port"?')),
-    "unknown-table": Bad(
-        _server() + b"[servers]\nport = 1\n",
-        ("unknown table or key 'servers'", "expected a [server] table"),
-    ),
-    "server-not-a-table": Bad(b"server = 5\n", ("server must be a table, got 5",)),
-    "port-string": Bad(
-        _server('port = "abc"'), ('server.port must be an integer 0-65535, got "abc"',)
-    ),
-    "port-too-big": Bad(
-        _server("port = 70000"), ("server.port must be an integer 0-65535, got 70000",)
-    ),
-    "port-negative": Bad(_server("port = -1"), ("server.port must be an integer 0-65535, got -1",)),
-    "port-bool": Bad(_server("port = true"), ("server.port must be an integer 0-65535, got true",)),
-    "backlog-0": Bad(_server("backlog = 0"), ("server.backlog must be an integer 1-65535, got 0",)),
-    "max_children-0": Bad(
-        _server("max_children = 0"), ("server.max_children must be an integer 1-100000, got 0",)
-    ),
-    "graceful_timeout-string": Bad(
-        _server('graceful_timeout = "soon"'),
-        ('server.graceful_timeout must be a number 0-86400, got "soon"',),
-    ),
-    "graceful_timeout-negative": Bad(
-        _server("graceful_timeout = -1"),
-        ("server.graceful_timeout must be a number 0-86400, got -1",),
-    ),
-    "graceful_timeout-nan": Bad(
-        _server("graceful_timeout = nan"),
-        ("server.graceful_timeout must be a number 0-86400, got nan",),
-    ),
-    "log_level-unknown": Bad(
-        _server('log_level = "loud"'),
-        (
-            'server.log_level must be one of "debug", "info", "warning", "error", "critical"',
-            '"loud"',
-        ),
-    ),
-    "host-int": Bad(
-        _server("host = 5"), ("server.host must be a string or a list of strings, got 5",)
-    ),
-    "host-list-of-ints": Bad(
-        _server("host = [1, 2]"), ("server.host must be a string or a list of strings, got [1, 2]",)
-    ),
-    "no-listener": Bad(_server("host = []"), ("no listener: host and unix are", "empty")),
-    "unix_mode-too-big": Bad(
-        _server("unix_mode = 0o1777"),
-        ("server.unix_mode must be an integer 0o000-0o777, got 0o1777",),
-    ),
-    "handler-missing": Bad(
-        b'[server]\nhost = "127.0.0.1"\nport = 0\n',
-        ('server.handler is required (e.g. handler = "module:attr")',),
-    ),
-    "handler-no-colon": Bad(
-        _handler("nocolon"),
-        ('server.handler must be "module:attr", got "nocolon"',),
-    ),
-    "handler-no-module": Bad(
-        _handler("no_such_module_xyz:App"),
-        ("server.handler: no module named 'no_such_module_xyz'", '"no_such_module_xyz:App"'),
-    ),
-    "handler-no-attribute": Bad(
-        _handler("forkserver.examples.echo:Missing"),
-        ("server.handler: module 'forkserver.examples.echo' has no attribute 'Missing'",),
-    ),
-    "handler-not-callable": Bad(
-        _handler("forkserver.examples.echo:BUFSIZE"),
-        ('server.handler: "forkserver.examples.echo:BUFSIZE" is a', "not a class or function"),
-    ),
-    "handler-module-raises": Bad(
-        _handler("tests.helpers.broken_handler_module:Handler"),
-        (
-            "server.handler: importing 'tests.helpers.broken_handler_module' failed: "
-            "RuntimeError: broken_handler_module refuses to load",
-        ),
-    ),
-    "invalid-toml": Bad(
-        b'[server]\nport = \nhandler = "x:y"\n', ("invalid TOML: Invalid value (at line 2",)
-    ),
-    "not-utf8": Bad(
-        _server() + b"# caf\xe9 \xff\n", ("invalid TOML: 'utf-8' codec can't decode byte 0xe9",)
-    ),
-    "file-missing": Bad(None, ("cannot read config: No such file or directory",)),
-    "file-is-a-directory": Bad(None, ("cannot read config: Is a directory",), make=_directory),
-    "file-unreadable": Bad(
-        None, ("cannot read config: Permission denied",), make=_unreadable, skip_as_root=True
-    ),
-}
-
-
-@dataclass(frozen=True)
-class Run:
-    path: Path
-    result: subprocess.CompletedProcess[str]
-
-
-@pytest.fixture(scope="module")
-def rejected(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Run]:
-    """Runs the CLI on a case once per module; the three tests below share the run."""
-    runs: dict[str, Run] = {}
-    workdir = tmp_path_factory.mktemp("bad-configs")
-
-    def run(name: str) -> Run:
-        if name not in runs:
-            case = CASES[name]
-            path = workdir / f"{name}.toml"
-            if case.make is not None:
-                case.make(path)
-            elif case.body is not None:
-                path.write_bytes(case.body)
-            runs[name] = Run(path, run_forkserver("--config", str(path), cwd=workdir, timeout=10))
-        return runs[name]
-
-    return run
-
-
-def _params() -> list[Any]:
-    params = []
-    for name, case in CASES.items():
-        marks: list[pytest.MarkDecorator] = []
-        if case.skip_as_root:
-            marks.append(
-                pytest.mark.skipif(
-                    os.geteuid() == 0, reason="root reads a chmod 000 file; needs a normal user"
-                )
-            )
-        params.append(pytest.param(name, id=name, marks=marks))
-    return params
-
-
-@pytest.mark.parametrize("name", _params())
-def test_bad_config_exits_2_with_one_line_and_starts_nothing(
-    name: str, rejected: Callable[[str], Run]
-) -> None:
-    assert_config_refused(rejected(name).result)
-
-
-@pytest.mark.parametrize("name", _params())
-def test_bad_config_message_names_key_value_and_expectation(
-    name: str, rejected: Callable[[str], Run]
-) -> None:
-    stderr = rejected(name).result.stderr
-    for fragment in CASES[name].says:
-        assert fragment in stderr
-
-
-@pytest.mark.parametrize("name", _params())
-def test_bad_config_message_names_the_file(name: str, rejected: Callable[[str], Run]) -> None:
-    run = rejected(name)
-    assert run.result.stderr.startswith(f"forkserver: {run.path}: ")

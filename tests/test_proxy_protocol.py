@@ -7,7 +7,7 @@ import socket
 import struct
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from forkserver.proxy_protocol import (
@@ -19,10 +19,12 @@ from forkserver.proxy_protocol import (
     encode_v2,
     parse,
 )
+from tests.helpers.fuzz import fuzz_timeout
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
-# Modest and without a .hypothesis database in the repo: the whole file runs in seconds.
-fuzz = settings(max_examples=300, deadline=None, database=None)
+# The examples per property come from the hypothesis profile (tests/helpers/fuzz.py):
+# a few seconds each in `make test`, many more with FORKSERVER_FUZZ=1.
+fuzz = fuzz_timeout
 
 
 def v2(ver_cmd: int, fam: int, body: bytes, length: int | None = None) -> bytes:

@@ -10,6 +10,8 @@ setting is written down exactly once.
 * ``fields.py``: how a table is declared (``setting()``, the ``Table`` base);
 * ``checking.py``: the checks every key gets (type, range, choices, unknown keys);
 * ``values.py``: the checks some values get (networks, early drop, accounts, ...);
+* ``paths.py``: path settings, relative to the config file, and their checks;
+* ``text.py``: values and messages escaped into one printable line;
 * ``load.py``: a TOML file into Settings;
 * ``reference.py``: the CLI's flags and the README table.
 
@@ -25,7 +27,7 @@ if TYPE_CHECKING:  # what the lazy attributes below resolve to, for the type che
     from ..errors import ConfigError
     from .listen import LISTEN_TABLE, Listen
     from .load import load
-    from .reference import cli_flags, field_type, reference_table
+    from .reference import cli_flags, field_type, listen_flags, metavar, reference_table
     from .settings import LOG_LEVELS, TABLE, Settings
 
 __all__ = [
@@ -37,7 +39,9 @@ __all__ = [
     "Settings",
     "cli_flags",
     "field_type",
+    "listen_flags",
     "load",
+    "metavar",
     "reference_table",
 ]
 
@@ -51,6 +55,8 @@ _HOME = {
     "load": "forkserver.config.load",
     "cli_flags": "forkserver.config.reference",
     "field_type": "forkserver.config.reference",
+    "listen_flags": "forkserver.config.reference",
+    "metavar": "forkserver.config.reference",
     "reference_table": "forkserver.config.reference",
 }
 

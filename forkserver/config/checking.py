@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .fields import Table
+from .text import MAX_SHOWN, show, show_key
 
 __all__ = ["check_fields", "describe", "field_types", "reject_unknown", "show"]
 
@@ -51,10 +52,11 @@ def reject_unknown(cls: type[Table], values: Mapping[str, Any]) -> None:
     if unknown:
         import difflib
 
-        close = difflib.get_close_matches(unknown[0], known, n=1)
+        key = unknown[0]
+        close = difflib.get_close_matches(key, known, n=1) if len(key) <= MAX_SHOWN else []
         hint = f'did you mean "{close[0]}"?' if close else f"known keys: {', '.join(sorted(known))}"
         array = cls.section.startswith("[[")
-        shown = f"{unknown[0]} in {cls.section}" if array else f"{cls.section}.{unknown[0]}"
+        shown = f"{show_key(key)} in {cls.section}" if array else f"{cls.section}.{show_key(key)}"
         raise ConfigError(f"unknown key {shown} ({hint})")
 
 
@@ -90,22 +92,15 @@ def describe(cls: type[Table], f: dataclasses.Field[Any]) -> str:
     return f"{text} {lo:g}-{hi:g}" if kind is float else f"{text} {lo}-{hi}"
 
 
-def show(value: Any) -> str:
-    """A value as TOML would write it, for messages."""
-    if isinstance(value, str):
-        return f'"{value}"'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value)
-
-
 def _checked(cls: type[Table], f: dataclasses.Field[Any], value: Any) -> Any:
     """*value* checked and normalised for field *f*; ConfigError naming the key if bad."""
     kind = field_types(cls)[f.name]
-    octal = f.metadata["octal"] and type(value) is int and value >= 0
+    octal = f.metadata["octal"] and type(value) is int and 0 <= value < 1 << 64
     shown = f"0o{value:o}" if octal else show(value)
     key = _key(cls, f.name)
     bad = ConfigError(f"{key} must be {describe(cls, f)}, got {shown}")
+    # A NUL would be cut off silently (or raise) wherever a string meets the OS.
+    nul = ConfigError(f"{key} must not contain a NUL character, got {shown}")
     item_cls = _table_of(kind)
     if item_cls is not None:
         if not isinstance(value, list | tuple):
@@ -126,12 +121,17 @@ def _checked(cls: type[Table], f: dataclasses.Field[Any], value: Any) -> Any:
     elif kind is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise bad
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer too large for a float
+            raise bad from None
         if not math.isfinite(value):
             raise bad
     elif kind is str:
         if not isinstance(value, str):
             raise bad
+        if "\0" in value:
+            raise nul
         if f.metadata["choices"]:
             value = value.lower()
             if value not in f.metadata["choices"]:
@@ -139,10 +139,12 @@ def _checked(cls: type[Table], f: dataclasses.Field[Any], value: Any) -> Any:
     elif kind is bool:
         if not isinstance(value, bool):
             raise bad
-    elif isinstance(value, str):
-        value = (value,)
-    elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-        value = tuple(value)
+    elif isinstance(value, str) or (
+        isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+    ):
+        value = (value,) if isinstance(value, str) else tuple(value)
+        if any("\0" in v for v in value):
+            raise nul
     else:
         raise bad
     lo, hi = f.metadata["min"], f.metadata["max"]

@@ -55,16 +55,21 @@ def setting(
     min: float | None = None,
     max: float | None = None,
     choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
     octal: bool = False,
+    path: bool = False,
     check: Callable[[Any], str | None] | None = None,
 ) -> Any:
     """One key of a table: its default, help text, command-line flag and limits.
 
-    *octal*: the value is a file mode, shown as 0o...; *check* returns what is
+    *metavar*: what the flag's value is called in ``--help`` (FILE, HOST:PORT);
+    *octal*: the value is a file mode, shown as 0o...; *path*: a file path, which
+    a config file gives relative to its own directory; *check* returns what is
     wrong with a (non-empty) value, or None, or raises ConfigError itself for a
     message that does not start with the key."""
-    meta = {"help": help, "cli": cli, "min": min, "max": max, "choices": choices}
-    return _Declared(default, {**meta, "octal": octal, "check": check})
+    meta: dict[str, Any] = {"help": help, "cli": cli, "metavar": metavar, "min": min}
+    meta.update(max=max, choices=choices, octal=octal, path=path, check=check)
+    return _Declared(default, meta)
 
 
 def complete() -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from ..addresses import listen_key
 from ..errors import ConfigError
 from .fields import Table, deferred_dataclass, setting
-from .values import check_address, check_file, check_networks
+from .paths import check_file, check_socket_paths
+from .values import check_address, check_networks
 
 __all__ = ["LISTEN_TABLE", "Listen", "check_unique"]
 
@@ -27,7 +28,9 @@ class Listen(Table):
         "request is `(data, socket)` (socketserver's ForkingUDPServer).",
         check=check_address(8000),
     )
-    unix: str = setting("", "Listen on this Unix-domain socket path.")
+    unix: str = setting(
+        "", "Listen on this Unix-domain socket path.", path=True, check=check_socket_paths
+    )
     handler: str = setting(
         "", "This listener's handler (as `server.handler`); empty: `server.handler`."
     )
@@ -35,13 +38,24 @@ class Listen(Table):
         "",
         "PEM certificate chain: serve TLS here. The handshake runs in the child; the "
         "handler's request is an `ssl.SSLSocket`.",
+        cli="--tls-cert",
+        metavar="FILE",
+        path=True,
         check=check_file,
     )
-    tls_key: str = setting("", "PEM private key for `tls_cert`.", check=check_file)
+    tls_key: str = setting(
+        "",
+        "PEM private key for `tls_cert`.",
+        cli="--tls-key",
+        metavar="FILE",
+        path=True,
+        check=check_file,
+    )
     tls_client_ca: str = setting(
         "",
         "PEM CA bundle: clients must present a certificate it signed (mutual TLS). "
         "Empty: no client certificate asked for.",
+        path=True,
         check=check_file,
     )
     tls_handshake_timeout: float = setting(

@@ -10,7 +10,7 @@ from .fields import Table, complete
 from .listen import LISTEN_TABLE, Listen
 from .settings import Settings
 
-__all__ = ["cli_flags", "field_type", "reference_table", "toml_literal"]
+__all__ = ["cli_flags", "field_type", "listen_flags", "metavar", "reference_table", "toml_literal"]
 
 
 def cli_flags() -> list[tuple[str, dataclasses.Field[Any]]]:
@@ -18,9 +18,24 @@ def cli_flags() -> list[tuple[str, dataclasses.Field[Any]]]:
     return [(f.metadata["cli"], f) for f in _fields(Settings) if f.metadata["cli"]]
 
 
+def listen_flags() -> list[tuple[str, dataclasses.Field[Any]]]:
+    """(flag, field) for the [[listen]] keys that ``--bind`` listeners take from flags."""
+    return [(f.metadata["cli"], f) for f in _fields(Listen) if f.metadata["cli"]]
+
+
 def field_type(f: dataclasses.Field[Any]) -> Any:
-    """The type of a :class:`Settings` field (int, float, str, ...), for its flag."""
-    return field_types(Settings)[f.name]
+    """The type of a :class:`Settings` or :class:`Listen` field (int, str, ...), for its flag."""
+    cls = Settings if any(f is g for g in _fields(Settings)) else Listen
+    return field_types(cls)[f.name]
+
+
+def metavar(f: dataclasses.Field[Any]) -> str:
+    """What a flag's value is called in ``--help``: declared, its choices, or its type's."""
+    if f.metadata["metavar"]:
+        return str(f.metadata["metavar"])
+    if f.metadata["choices"]:
+        return "{" + ",".join(f.metadata["choices"]) + "}"
+    return {int: "N", float: "SECONDS"}[field_type(f)]
 
 
 def toml_literal(f: dataclasses.Field[Any], value: Any) -> str:
@@ -41,15 +56,24 @@ def reference_table() -> str:
     rows = ["| key | default | flag | meaning |", "| --- | --- | --- | --- |"]
     for f in _fields(Settings):
         default = "(required)" if f.name == "handler" else f"`{toml_literal(f, f.default)}`"
-        flag = f"`{f.metadata['cli']}`" if f.metadata["cli"] else ""
-        meaning = f"{f.metadata['help']} Expects {describe(Settings, f)}."
-        rows.append(f"| `{f.name}` | {default} | {flag} | {meaning} |")
-    rows += ["", f"Each `[[{LISTEN_TABLE}]]` table:", ""]
-    rows += ["| key | default | meaning |", "| --- | --- | --- |"]
+        rows.append(f"| `{f.name}` | {default} | {_flag(f)} | {_meaning(Settings, f)} |")
+    rows += ["", f"Each `[[{LISTEN_TABLE}]]` table (`--bind` makes them from the command line):"]
+    rows += ["", "| key | default | flag | meaning |", "| --- | --- | --- | --- |"]
     for f in _fields(Listen):
-        meaning = f"{f.metadata['help']} Expects {describe(Listen, f)}."
-        rows.append(f"| `{f.name}` | `{toml_literal(f, f.default)}` | {meaning} |")
+        default = f"`{toml_literal(f, f.default)}`"
+        rows.append(f"| `{f.name}` | {default} | {_flag(f)} | {_meaning(Listen, f)} |")
     return "\n".join(rows)
+
+
+def _flag(f: dataclasses.Field[Any]) -> str:
+    return f"`{f.metadata['cli']} {metavar(f)}`" if f.metadata["cli"] else ""
+
+
+def _meaning(cls: type[Table], f: dataclasses.Field[Any]) -> str:
+    meaning = f"{f.metadata['help']} Expects {describe(cls, f)}."
+    if f.metadata["path"]:
+        meaning += " In a config file, relative to the file's directory."
+    return meaning
 
 
 def _fields(cls: type[Table]) -> tuple[dataclasses.Field[Any], ...]:

@@ -15,7 +15,15 @@ from ..addresses import host_port
 from ..errors import ConfigError
 from .fields import Table, deferred_dataclass, setting
 from .listen import Listen, check_unique
-from .values import check_account, check_address, check_early_drop, check_networks
+from .paths import check_log_file, check_pidfile, check_socket_paths
+from .text import show
+from .values import (
+    check_account,
+    check_address,
+    check_early_drop,
+    check_hosts,
+    check_networks,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -39,11 +47,14 @@ class Settings(Table):
         "TCP address(es) to listen on: a string or a list. `::` is dual-stack "
         '(IPv4 and IPv6), `""` means all IPv4 addresses, `[]` means no TCP listener.',
         cli="--host",
+        metavar="HOST",
+        check=check_hosts,
     )
     port: int = setting(
         8000,
         "TCP port for every `host`; 0 picks a free port (logged at start).",
         cli="--port",
+        metavar="PORT",
         min=0,
         max=65535,
     )
@@ -52,6 +63,9 @@ class Settings(Table):
         "Unix-domain socket path(s) to listen on. A stale socket file left by a dead "
         "server is replaced; one a live server answers on is not.",
         cli="--unix",
+        metavar="PATH",
+        path=True,
+        check=check_socket_paths,
     )
     unix_mode: int = setting(
         0o666,
@@ -77,6 +91,7 @@ class Settings(Table):
         "listen() backlog: connections the kernel queues while the parent is busy or at "
         "`max_children`. Capped by the kernel at net.core.somaxconn (a warning says so).",
         cli="--backlog",
+        metavar="N",
         min=1,
         max=65535,
     )
@@ -89,12 +104,14 @@ class Settings(Table):
         "tcpserver and inetd do (split into words, never through a shell). Required, "
         "unless every `[[listen]]` table names its own.",
         cli="--handler",
+        metavar="MODULE:ATTR",
     )
     max_children: int = setting(
         1024,
         "Most children alive at once. At the limit the parent stops accepting and "
         "new connections wait in the kernel backlog.",
         cli="--max-children",
+        metavar="N",
         min=1,
         max=100_000,
     )
@@ -107,6 +124,7 @@ class Settings(Table):
         "must look first (admission rules, PROXY protocol) and for UDP. 0 forks on "
         "accept. Counts toward `max_children`.",
         cli="--spare-children",
+        metavar="N",
         min=0,
         max=100_000,
     )
@@ -116,6 +134,7 @@ class Settings(Table):
         "parent before they are sent SIGTERM. (Ctrl-C in a terminal signals the "
         "children too: send SIGTERM to the parent for a graceful stop.)",
         cli="--graceful-timeout",
+        metavar="SECONDS",
         min=0,
         max=86400,
     )
@@ -138,6 +157,9 @@ class Settings(Table):
         "Append the log (the parent's, the children's, and anything they write to "
         "stderr) to this file instead of stderr; SIGUSR1 reopens it, for logrotate.",
         cli="--log-file",
+        metavar="FILE",
+        path=True,
+        check=check_log_file,
     )
     access_log: bool = setting(
         False,
@@ -150,6 +172,7 @@ class Settings(Table):
         '`forkserver status`) on "HOST:PORT"; each scrape is served by a forked child. '
         "Keep it on loopback. Empty: off.",
         cli="--metrics",
+        metavar="HOST:PORT",
         check=check_address(9100),
     )
     pidfile: str = setting(
@@ -157,6 +180,9 @@ class Settings(Table):
         "Write the parent's pid here once it is ready; removed at exit. Refuses to start "
         "while the file names a live process.",
         cli="--pidfile",
+        metavar="FILE",
+        path=True,
+        check=check_pidfile,
     )
     # -- admission: decided in the parent after accept(), before any fork ----
     when_full: str = setting(
@@ -221,6 +247,7 @@ class Settings(Table):
         "client that sends nothing, or reads nothing, for this long is disconnected and "
         "its child exits. A handler that sets its own timeout replaces it. 0: none.",
         cli="--idle-timeout",
+        metavar="SECONDS",
         min=0,
         max=86400,
     )
@@ -260,11 +287,15 @@ class Settings(Table):
     user: str = setting(
         "",
         "Run every child as this user (the parent binds first, as root). Empty: as the parent.",
+        cli="--user",
+        metavar="USER",
         check=check_account("user"),
     )
     group: str = setting(
         "",
         "The children's group; empty: the user's primary group.",
+        cli="--group",
+        metavar="GROUP",
         check=check_account("group"),
     )
     umask: int = setting(
@@ -281,12 +312,12 @@ class Settings(Table):
             import pwd
 
             if pwd.getpwnam(self.user).pw_uid != os.geteuid():
-                raise ConfigError(f'{TABLE}.user: switching to "{self.user}" needs root')
+                raise ConfigError(f"{TABLE}.user: switching to {show(self.user)} needs root")
         if self.group and os.geteuid() != 0:
             import grp
 
             if grp.getgrnam(self.group).gr_gid != os.getegid():
-                raise ConfigError(f'{TABLE}.group: switching to "{self.group}" needs root')
+                raise ConfigError(f"{TABLE}.group: switching to {show(self.group)} needs root")
         if self.spare_children > self.max_children:
             raise ConfigError(
                 f"{TABLE}.spare_children must be at most max_children ({self.max_children}), "

@@ -1,4 +1,4 @@
-"""What a value must be beyond its type: networks, early drop, accounts, files, addresses.
+"""What a value must be beyond its type: networks, early drop, accounts, addresses.
 
 Each ``check_*`` returns what is wrong with a value, for its key's config
 error, or None.  The parsing here is pure and cheap to import, so the runtime
@@ -8,9 +8,8 @@ runtime modules import the config's parsing, never the other way round.
 
 from __future__ import annotations
 
-import os
-
-from ..addresses import address_problem
+from ..addresses import address_problem, parse_address
+from .text import show
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -20,7 +19,7 @@ __all__ = [
     "check_account",
     "check_address",
     "check_early_drop",
-    "check_file",
+    "check_hosts",
     "check_networks",
     "parse_early_drop",
 ]
@@ -34,7 +33,7 @@ def check_networks(values: tuple[str, ...]) -> str | None:
         try:
             ipaddress.ip_network(value, strict=False)
         except ValueError:
-            return f'"{value}" is not an IPv4 or IPv6 network (like "10.0.0.0/8" or "::1")'
+            return f'{show(value)} is not an IPv4 or IPv6 network (like "10.0.0.0/8" or "::1")'
     return None
 
 
@@ -55,7 +54,7 @@ def check_early_drop(value: str) -> str | None:
     try:
         parse_early_drop(value)
     except ValueError:
-        return f'"{value}" is not "start:rate:full" with start < full and rate 0-100'
+        return f'{show(value)} is not "start:rate:full" with start < full and rate 0-100'
     return None
 
 
@@ -70,23 +69,28 @@ def check_account(kind: str) -> Callable[[str], str | None]:
 
         try:
             (pwd.getpwnam if kind == "user" else grp.getgrnam)(value)
-        except KeyError:
-            return f'no {kind} "{value}" on this system'
+        except (KeyError, ValueError):  # ValueError: a NUL, if a caller did not check
+            return f"no {kind} {show(value)} on this system"
         return None
 
     return check
+
+
+def check_hosts(values: tuple[str, ...]) -> str | None:
+    """Host names or addresses that getaddrinfo() can take: it encodes a name with
+    IDNA, which refuses an empty label ("a..b") or one of over 63 characters."""
+    for host in values:
+        try:
+            host.encode("idna")
+        except UnicodeError:
+            return f"{show(host)} is not a host name or IP address"
+    return None
 
 
 def check_address(example_port: int) -> Callable[[str], str | None]:
     """The check of a "HOST:PORT" setting; its message suggests *example_port*."""
 
     def check(value: str) -> str | None:
-        return address_problem(value, example_port)
+        return address_problem(value, example_port) or check_hosts((parse_address(value)[0],))
 
     return check
-
-
-def check_file(value: str) -> str | None:
-    if value and not os.path.isfile(value):
-        return f'"{value}": no such file'
-    return None
