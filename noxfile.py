@@ -77,8 +77,8 @@ def _put_on_path() -> None:
             os.environ["PATH"] = os.pathsep.join([str(Path(exe).parent), os.environ["PATH"]])
     if missing:
         print(
-            f"noxfile: no Python {', '.join(missing)} on PATH or in pyenv's versions:"
-            " those sessions will be SKIPPED, not tested",
+            f"noxfile: no Python {', '.join(missing)} on PATH or in pyenv's versions: "
+            "SKIPPED, not tested (unless .nox/ keeps a venv from an earlier run)",
             file=sys.stderr,
         )
 
