@@ -503,6 +503,8 @@ def _other_load(compare: dict[str, Any] | None) -> tuple[float, float] | None:
 
 def render(out: Path, command: str, quick: bool) -> str:
     """RESULTS.md text from the ``*-latest.json`` files in *out*."""
+    from .versions import section as per_version  # it uses this module's tables
+
     compare, fork, memory, scale, bulk = (_load(out, name) for name in SCRIPTS)
     first = next((d for d in (compare, fork, memory, scale, bulk) if d), None)
     if first is None:
@@ -562,6 +564,7 @@ def render(out: Path, command: str, quick: bool) -> str:
         _memory(memory) if memory else [],
         _scale(scale) if scale else [],
         _bulk(bulk) if bulk else [],
+        per_version(versions) if (versions := _load(out, "versions")) else [],
     ]
     for section in sections:
         if section:
