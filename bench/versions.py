@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import RESULTS_DIR, metadata, write_results
-from .report import _f, _table
+from .report import COMPARE_HEAD, _table, compare_rows
 from .servers import ROOT, bench_env
 
 PYTHONS = "3.11,3.12,3.13"
@@ -82,40 +82,18 @@ def section(data: dict[str, Any]) -> list[str]:
         f"--concurrency {s['concurrency']}` under that Python (the venv `make test-all` "
         "builds in `.nox/`), one version after another.  Short settings on a shared "
         "2-core machine: compare ratios within a version (x ss: to socketserver on the "
-        "same Python, same run); across versions, differences of 10% or less are noise.",
+        "same Python, same run); columns as in the table above.",
         "",
     ]
-    head = ["Python", "clients", "server", "conn/s", "x ss", "p50 ms", "x ss", "p99 ms"]
-    head += ["parent µs/conn", "child µs/conn", "faults/conn", "errors"]
     rows = []
     loads = []
     for run_data in data["versions"].values():
         python = run_data["machine"]["python"].split()[-1]
-        for c in map(str, run_data["settings"]["concurrency"]):
-            for name, levels in run_data["summary"].items():
-                row = levels.get(c)
-                if row is None:
-                    continue
-                rel = run_data["ratios"].get(name, {}).get(c, {})
-                cells = [
-                    python,
-                    c,
-                    name,
-                    f"{row['conn_per_s']:,.0f}",
-                    _f(rel.get("conn_per_s")),
-                    _f(row["p50_ms"], ".3f"),
-                    _f(rel.get("p50_ms")),
-                    _f(row["p99_ms"], ".3f"),
-                    _f(row["parent_us_per_conn"], ".0f"),
-                    _f(row["children_us_per_conn"], ".0f"),
-                    _f(row.get("faults_per_conn"), ".0f"),
-                    str(row["errors_total"]),
-                ]
-                rows.append(cells)
+        rows += [[python, *row] for row in compare_rows(run_data)]
         m = run_data["machine"]
         end = (m.get("load_average_at_end") or [None])[0]
         loads.append(f"{python}: {m['load_average_at_start'][0]:g} → {end}")
-    out += _table(head, rows, text_columns=3)
+    out += _table(["Python", *COMPARE_HEAD], rows, text_columns=3)
     out += ["", f"Load average (1 min), start → end of each run: {'; '.join(loads)}."]
     if data["missing"]:
         out += ["", f"Not measured (no interpreter found): Python {', '.join(data['missing'])}."]
