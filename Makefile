@@ -3,9 +3,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# The test matrix's runner (make test-all), beside the dev tools in the venv.
+NOX_VERSION := 2026.10.20
+NOX_STAMP   := $(VENV)/.nox-stamp
 CONFIG ?= conf/echo.toml
 
-.PHONY: run test lint unit readme clean
+.PHONY: run test test-all lint unit readme clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "forkserver needs Python >= 3.11; this is " + sys.version.split()[0])'
@@ -21,12 +24,22 @@ run: $(STAMP)
 test: lint unit
 
 lint: $(STAMP)
-	$(BIN)/ruff check forkserver tests bench
-	$(BIN)/ruff format --check forkserver tests bench
+	$(BIN)/ruff check forkserver tests bench noxfile.py
+	$(BIN)/ruff format --check forkserver tests bench noxfile.py
 	$(BIN)/mypy
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest
+
+## The suite on every Python forkserver claims (noxfile.py: 3.11, 3.12, 3.13),
+## each in its own venv under .nox/; a version not on the machine is skipped
+## and named as such.  One version: $(BIN)/nox -s tests-3.13 -- tests/test_x.py
+test-all: $(NOX_STAMP)
+	$(BIN)/nox
+
+$(NOX_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check 'nox==$(NOX_VERSION)'
+	@touch $(NOX_STAMP)
 
 ## Regenerate the README's generated blocks: the configuration tables (from
 ## the fields in forkserver/config/) and the HAProxy recipe (conf/haproxy.cfg).
@@ -40,4 +53,4 @@ readme: $(STAMP)
 	p.write_text(put(s, "haproxy", "```\n" + cfg + "```\n"))'
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .nox build *.egg-info .mypy_cache .pytest_cache .ruff_cache

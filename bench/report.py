@@ -71,32 +71,14 @@ def _table(head: list[str], rows: list[list[str]], text_columns: int = 1) -> lis
     return lines
 
 
-def _compare(data: dict[str, Any]) -> list[str]:
+COMPARE_HEAD = ["clients", "server", "conn/s", "x ss", "p50 ms", "x ss", "p99 ms"]
+COMPARE_HEAD += ["parent µs/conn", "child µs/conn", "load µs/conn", "faults/conn"]
+COMPARE_HEAD += ["generator cores", "other cores", "errors"]
+
+
+def compare_rows(data: dict[str, Any]) -> list[list[str]]:
+    """bench.compare's results, one row per concurrency and server (COMPARE_HEAD)."""
     s = data["settings"]
-    out = [
-        "## forkserver vs socketserver vs tcpserver",
-        "",
-        f"`{data['command']}` ({data['date']})",
-        "",
-        f"{s['payload']}-byte echo churn (connect, send, half-close, read to EOF, close); "
-        f"median of {s['rounds']} round(s) of {s['duration']:g} s per server and concurrency, "
-        f"server order alternating; max_children {s['max_children']} and backlog "
-        f"{s['backlog']} for every server; load from {s.get('generator', 'bench.load')}.  "
-        "x ss: ratio to socketserver.  Parent/child µs: the server's CPU per connection "
-        "(parent, and its reaped children); load µs: the generator's.  Faults: the server's "
-        "minor page faults per connection (parent + reaped children).  Generator: cores "
-        "the load generator used.  Other: cores used meanwhile by everything else on the "
-        "machine (non-idle CPU time not accounted for by the server or the generator).  "
-        "python-floor: `bench/peers/leanfloor.py` (`python -S -I`, raw-fd accept, "
-        "`os.read`/`os.write`, reaping in its loop); python-sigchld: `bench/peers/forkecho.py` "
-        "(socket objects, a SIGCHLD handler); c-floor: `bench/peers/forkecho.c`.",
-        "",
-    ]
-    if s.get("tcpserver_argv"):
-        out += [f"tcpserver ran as `{' '.join(s['tcpserver_argv'])}`.", ""]
-    head = ["clients", "server", "conn/s", "x ss", "p50 ms", "x ss", "p99 ms"]
-    head += ["parent µs/conn", "child µs/conn", "load µs/conn", "faults/conn"]
-    head += ["generator cores", "other cores", "errors"]
     rows = []
     for c in map(str, s["concurrency"]):
         for name, levels in data["summary"].items():
@@ -122,7 +104,34 @@ def _compare(data: dict[str, Any]) -> list[str]:
                     str(row["errors_total"]),
                 ]
             )
-    out += _table(head, rows, text_columns=2)
+    return rows
+
+
+def _compare(data: dict[str, Any]) -> list[str]:
+    s = data["settings"]
+    out = [
+        "## forkserver vs socketserver vs tcpserver",
+        "",
+        f"`{data['command']}` ({data['date']})",
+        "",
+        f"{s['payload']}-byte echo churn (connect, send, half-close, read to EOF, close); "
+        f"median of {s['rounds']} round(s) of {s['duration']:g} s per server and concurrency, "
+        f"server order alternating; max_children {s['max_children']} and backlog "
+        f"{s['backlog']} for every server; load from {s.get('generator', 'bench.load')}.  "
+        "x ss: ratio to socketserver.  Parent/child µs: the server's CPU per connection "
+        "(parent, and its reaped children); load µs: the generator's.  Faults: the server's "
+        "minor page faults per connection (parent + reaped children).  Generator: cores "
+        "the load generator used.  Other: cores used meanwhile by everything else on the "
+        "machine (non-idle CPU time not accounted for by the server or the generator).  "
+        "python-floor: `bench/peers/leanfloor.py` (`python -S -I`, raw-fd accept, "
+        "`os.read`/`os.write`, reaping in its loop); python-sigchld: `bench/peers/forkecho.py` "
+        "(socket objects, a SIGCHLD handler); c-floor: `bench/peers/forkecho.c`.",
+        "",
+    ]
+    if s.get("tcpserver_argv"):
+        out += [f"tcpserver ran as `{' '.join(s['tcpserver_argv'])}`.", ""]
+    rows = compare_rows(data)
+    out += _table(COMPARE_HEAD, rows, text_columns=2)
     if data.get("targets"):
         out += [
             "",
@@ -545,6 +554,8 @@ def _floor_targets(compare: dict[str, Any] | None) -> list[str]:
 
 def render(out: Path, command: str, quick: bool) -> str:
     """RESULTS.md text from the ``*-latest.json`` files in *out*."""
+    from .versions import section as per_version  # it uses this module's tables
+
     compare, fork, memory, scale, bulk = (_load(out, name) for name in SCRIPTS)
     first = next((d for d in (compare, fork, memory, scale, bulk) if d), None)
     if first is None:
@@ -605,6 +616,7 @@ def render(out: Path, command: str, quick: bool) -> str:
         _memory(memory) if memory else [],
         _scale(scale) if scale else [],
         _bulk(bulk) if bulk else [],
+        per_version(versions) if (versions := _load(out, "versions")) else [],
     ]
     for section in sections:
         if section:

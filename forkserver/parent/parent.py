@@ -17,6 +17,7 @@ import time
 from .. import log, pidfile, systemd
 from ..admission import Admission
 from ..child.limits import ChildLimits
+from . import threads
 from .accept import Acceptor
 from .children import ChildTable, describe_status
 from .fork import Forker
@@ -162,6 +163,7 @@ class Parent:
                 self.forker.signals = HANDLED_SIGNALS
             actions = {int(signum): getattr(self, "handle_" + a) for signum, a in SIGNALS.items()}
             loop.add_reader(pipe.rfd, lambda _fd: pipe.dispatch(actions, self.woken))
+            threads.check()  # once, before the first fork: other threads are a hazard
             self._make_room_for_pidfds()
             if self.spares is not None:
                 self.spares.start(listeners, services, not self.admission.enabled)
