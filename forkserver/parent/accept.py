@@ -192,15 +192,6 @@ class Acceptor:
             if not self.can_accept():
                 self.pause()
 
-    def take_accepted(self, listener: Listener, fd: int, peer: Any) -> None:
-        """A connection accepted from *listener* by someone else (the stop's
-        drain): on its way as if the listener's callback had taken it."""
-        service = listener.service
-        if service is not None and service.trusted is not None:
-            self.proxied.wait_for_header(listener, fd, peer)
-        else:
-            self.take(fd, listener.family, peer, service)
-
     def take(self, fd: int, family: int, peer: Any, service: Service | None = None) -> None:
         """An accepted connection (counted by the caller): admit it (or refuse
         it), then give it a child, or queue it until a child exits."""

@@ -134,7 +134,11 @@ class Stopper:
             except OSError:
                 pass  # not connected: some kernels refuse it on a Unix listener
         for fd, peer, listener in drained:  # forks only now, the window above stays short
-            acceptor.take_accepted(listener, fd, peer)
+            service = listener.service
+            if service is not None and service.trusted is not None:  # PROXY: header first
+                acceptor.proxied.wait_for_header(listener, fd, peer)
+            else:
+                acceptor.take(fd, listener.family, peer, service)
 
     def take_back_from_spares(self) -> None:
         """Retire the spares; what was handed to them and not taken waits
