@@ -128,3 +128,30 @@ def test_reload_notifies_reloading_then_ready(start_server, tmp_path: Path) -> N
         assert notify.recv(200) == b"STOPPING=1"
     finally:
         notify.close()
+
+
+ANALYZE = shutil.which("systemd-analyze")
+
+
+@pytest.mark.skipif(
+    ANALYZE is None, reason="systemd-analyze not installed (Debian package systemd)"
+)
+@pytest.mark.timeout(60)
+def test_shipped_units_verify_and_reload_with_sighup(tmp_path: Path) -> None:
+    """conf/forkserver.{socket,service} as systemd itself reads them: no
+    error nor warning, with ExecStart pointed at this checkout's command."""
+    assert ANALYZE is not None
+    command = Path(sys.prefix) / "bin" / "forkserver"
+    for name in ("forkserver.socket", "forkserver.service"):
+        text = (ROOT / "conf" / name).read_text()
+        text = text.replace("/opt/forkserver/.venv/bin/forkserver", str(command))
+        (tmp_path / name).write_text(text.replace("/opt/forkserver", str(ROOT)))
+    service = (tmp_path / "forkserver.service").read_text()
+    assert "\nExecReload=/bin/kill -HUP $MAINPID\n" in service
+    assert f"\nExecStart={command} --config {ROOT}/conf/echo.toml\n" in service
+    result = subprocess.run(
+        [ANALYZE, "verify", "forkserver.socket", "forkserver.service"],
+        check=False, capture_output=True, text=True, timeout=50, cwd=tmp_path,
+        env={**os.environ, "SYSTEMD_LOG_LEVEL": "warning"},
+    )  # fmt: skip
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
