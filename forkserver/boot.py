@@ -99,7 +99,7 @@ def _site_needed() -> bool:
     for finder in sys.meta_path:
         name = getattr(finder, "__name__", type(finder).__name__)
         module = getattr(finder, "__module__", "") or ""
-        if name in _STANDARD_FINDERS or module.startswith("__editable___forkserver_"):
+        if name in _STANDARD_FINDERS or module.startswith("__editable___pyforkserver_"):
             continue
         return True
     return False

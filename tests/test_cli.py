@@ -61,6 +61,18 @@ def test_console_script_version(tmp_path: Path) -> None:
     assert (result.returncode, result.stdout, result.stderr) == (0, "forkserver 0.1.0\n", "")
 
 
+def test_installed_as_pyforkserver_with_the_forkserver_command() -> None:
+    """PyPI's "forkserver" is another project: the distribution is
+    pyforkserver, the package, the command and `python -m` keep the name."""
+    from importlib.metadata import distribution
+
+    dist = distribution("pyforkserver")
+    assert dist.version == forkserver.__version__
+    scripts = {ep.name: ep.value for ep in dist.entry_points if ep.group == "console_scripts"}
+    assert scripts == {"forkserver": "forkserver.cli:main"}
+    assert 'setproctitle>=1.3; extra == "title"' in (dist.requires or [])
+
+
 def test_check_good_config_exits_0_and_starts_nothing(tmp_path: Path) -> None:
     path = _write(tmp_path / "good.toml", config())
     result = run_forkserver("--config", path, "--check", cwd=tmp_path)
