@@ -624,7 +624,11 @@ class Soak:
         found = []
         for child in self.server.children():
             try:
-                if child.cmdline() == command:
+                # A child titled by setproctitle (forkserver/title.py) no
+                # longer shows the parent's command line.
+                mine = child.cmdline()
+                titled = " ".join(mine).startswith(("forkserver: conn", "forkserver: spare"))
+                if mine == command or titled:
                     found.append(child)
             except psutil.NoSuchProcess:
                 continue

@@ -152,6 +152,10 @@ def lean_main(blob: str) -> int:
     if state["metrics"]:
         server.metrics_listener = Listener.adopt(**state["metrics"])
     server.adopt(state["argv"], state["children"], state["ready_fd"])
+    if settings.proc_title:
+        from . import title
+
+        title.enable(state["source"], settings.handler, listeners)
     server.exiting_after_serve = True
     try:
         server.serve_forever()

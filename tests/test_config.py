@@ -33,6 +33,7 @@ def test_defaults() -> None:
         "log_format": "text",
         "log_file": "",
         "access_log": False,
+        "proc_title": True,
         "metrics": "",
         "pidfile": "",
         "when_full": "wait",

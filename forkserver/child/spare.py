@@ -25,6 +25,7 @@ import select
 import socket
 import time
 
+from .. import title
 from ..handoff import PEER, encode_peer, message_size, receive, report_busy
 from ..listeners import BACKOFF_SECONDS, SKIPPED_ACCEPT_ERRNOS
 from .datagram import answer
@@ -145,6 +146,8 @@ def wait_and_serve(
     if got is None:
         return 0
     fd, family, peer, index, datagram = got
+    if title.set_title is not None:  # no longer a spare: say whom it serves
+        title.set_title(title.child(family, peer))
     service = services[index - 1] if index else None
     if service is None:
         return serve(fd, family, peer, run, on_error, limits)

@@ -17,6 +17,8 @@ import _signal  # the C module behind signal: see detach_from_parent
 import os
 import sys
 
+from .. import title
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -76,6 +78,8 @@ def become(
     status = 1
     try:
         detach_from_parent(parent_fds, signals)  # before any user code runs
+        if title.set_title is not None:  # decided once, in the parent (title.enable)
+            title.set_title(title.child(family, peer))
         if limits is not None:
             limits.apply_to_process()  # an OSError here means: never run the handler
         status = work(*args)

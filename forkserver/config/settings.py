@@ -166,6 +166,12 @@ class Settings(Table):
         "One line per connection: peer, pid, duration, bytes in and out, and how it "
         "ended (exit status, signal, or the refusal reason). Costs nothing when off.",
     )
+    proc_title: bool = setting(
+        True,
+        "Process titles for ps and top, with the optional setproctitle (the `[title]` "
+        'extra): the parent shows its config and listeners, a child "conn PEER", a spare '
+        '"spare". Costs a child about 8 page faults (~20 us); false costs nothing.',
+    )
     metrics: str = setting(
         "",
         "Serve Prometheus metrics (/metrics) and the live children (/children, read by "
