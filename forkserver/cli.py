@@ -181,9 +181,14 @@ def _start(argv: list[str]) -> int:
         return _say(f"{settings.pidfile}: already running as pid {other}", EXIT_FAILURE)
     s = settings
     inherited = [Listener.adopt(**info) for info in (handover or {}).get("listeners", [])]
+    # Under socket activation a reload inherits systemd's sockets: they stay
+    # the listeners, and the config's addresses are not bound beside them.
+    from_systemd = [lis for lis in inherited if lis.key[:1] == ("systemd",)]
     try:
         if activated:
             listeners = adopt_activated(activated)
+        elif from_systemd:
+            listeners = from_systemd
         else:
             listeners = open_listeners(
                 s.listeners(), s.backlog, s.unix_mode, inherited, s.reuse_port

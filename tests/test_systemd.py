@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from forkserver import systemd
+from forkserver.testing.process import ServerProcess
 from tests.helpers.clients import connect, recv_to_eof
 from tests.helpers.processes import group_members
 from tests.helpers.servers import ROOT, config, wait_until
@@ -155,3 +157,37 @@ def test_shipped_units_verify_and_reload_with_sighup(tmp_path: Path) -> None:
         env={**os.environ, "SYSTEMD_LOG_LEVEL": "warning"},
     )  # fmt: skip
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+@needs_activate
+@pytest.mark.timeout(60)
+def test_reload_under_socket_activation_keeps_serving_on_systemds_socket_alone(
+    tmp_path: Path,
+) -> None:
+    """A reload (systemctl reload: SIGHUP) re-runs the command line: it must
+    serve on the socket systemd passed, not also bind the config's address."""
+    path, conf = tmp_path / "s.sock", tmp_path / "echo.toml"
+    conf.write_text(config(port=0))  # an address the unit does not have
+    assert ACTIVATE is not None
+    argv = [ACTIVATE, "-l", str(path), "-E", f"PYTHONPATH={ROOT}", sys.executable]
+    server = ServerProcess([*argv, "-m", "forkserver", "--config", str(conf)], cwd=tmp_path)
+    try:
+        wait_until(path.exists, 10, "systemd-socket-activate to listen")
+        with connect(str(path), timeout=20) as client:  # starts the service
+            client.sendall(b"before\n")
+            client.shutdown(socket.SHUT_WR)
+            assert recv_to_eof(client) == b"before\n"
+        server.wait_for_log("forkserver ready")
+        start = len(server.lines)
+        server.signal(signal.SIGHUP)
+        server.wait_for_log("forkserver ready", start=start)
+        with connect(str(path), timeout=20) as client:
+            client.sendall(b"after\n")
+            client.shutdown(socket.SHUT_WR)
+            assert recv_to_eof(client) == b"after\n"
+        reloaded = "\n".join(server.lines[start:])
+        assert re.findall(r"listening on (\S+)", reloaded) == [f"unix:{path}"], reloaded
+        assert " ERROR " not in server.log, server.log
+        assert server.stop(30) == 0
+    finally:
+        server.kill_group()
