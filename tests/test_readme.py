@@ -32,9 +32,9 @@ def test_quickstart_is_exactly_make_run_and_make_test() -> None:
 
 
 def test_module_map_names_every_module() -> None:
-    """The README's module map (under "The process model") lists every
-    module of the package, so a newcomer can trust it to find each step."""
-    section = README.split("## The process model", 1)[1].split("\n## ", 1)[0]
+    """The README's module map (under Internals) lists every module of the
+    package, so a newcomer can trust it to find each step."""
+    section = README.split("\n### The module map\n", 1)[1].split("\n#", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| `")]
     named = set(re.findall(r"`([\w/]+(?:\.py|/))`", "\n".join(rows)))
     package = ROOT / "forkserver"
@@ -47,3 +47,47 @@ def test_module_map_names_every_module() -> None:
         if rel.as_posix() not in named and rel.name not in named and parent not in named:
             missing.append(rel.as_posix())
     assert not missing, f"modules missing from the README's module map: {missing}"
+
+
+def _headings() -> list[str]:
+    body = re.sub(r"```.*?```", "", README, flags=re.S)  # "# comments" in code are not headings
+    return re.findall(r"^#{2,3} (.+)$", body, re.M)
+
+
+def test_sections_come_in_a_new_users_order() -> None:
+    """Install before use, use before configuration, operations, then internals;
+    the headings other documents link to keep their names."""
+    order = [
+        "Install", "Quickstart", "Writing a service", "Migrating from socketserver",
+        "Configuration", "Sandboxing each connection", "Operations", "Internals",
+    ]  # fmt: skip
+    top = [h for h in re.findall(r"^## (.+)$", README, re.M) if h in order]
+    assert top == order
+    for name in ("migrating", "sandbox"):
+        assert f"(docs/{name}.md)" in README
+
+
+def test_table_of_contents_links_to_headings_that_exist() -> None:
+    """GitHub's anchors: lower case, punctuation dropped, spaces to dashes."""
+    anchors = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in _headings()}
+    links = re.findall(r"\]\(#([^)]+)\)", README)
+    assert links and not [link for link in links if link not in anchors]
+
+
+def test_install_names_the_distribution_pyproject_builds() -> None:
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    name = re.search(r'^name = "([^"]+)"', pyproject, re.M)
+    assert name is not None and name.group(1) == "pyforkserver"
+    install = README.split("\n## Install\n", 1)[1].split("\n## ", 1)[0]
+    assert f'"{name.group(1)} @ git+https://' in install and "pipx install" in install
+
+
+# Pages being written beside this README's restructure: checked once they exist.
+PENDING = {"docs/migrating.md", "docs/sandbox.md"}
+
+
+def test_linked_files_exist() -> None:
+    targets = re.findall(r"\]\(((?:docs|conf|bench)/[^)#]+)\)", README)
+    assert "docs/performance.md" in targets
+    missing = [t for t in targets if not (ROOT / t).exists()]
+    assert [t for t in missing if t not in PENDING] == []

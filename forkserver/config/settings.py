@@ -170,7 +170,7 @@ class Settings(Table):
         True,
         "Process titles for ps and top, with the optional setproctitle (the `[title]` "
         'extra): the parent shows its config and listeners, a child "conn PEER", a spare '
-        '"spare". Costs a child about 8 page faults (~20 us); false costs nothing.',
+        '"spare". Costs a child about 10 page faults (~25 us); false costs nothing.',
     )
     metrics: str = setting(
         "",
