@@ -2,30 +2,37 @@
 
 Process model::
 
-                 SIGTERM/INT/QUIT/HUP/USR1/USR2 (a byte on the signal pipe)
-                              |
-    +------------------------ v -------- parent -----------------------+
-    | fds: listeners (TCP v4/v6, UDP, Unix), epoll, signal pipe,       |
-    |      one pidfd per child                                         |
-    | loop (parent/loop.py): epoll_wait, then each ready fd's callback |
-    |   listener  -> accept() -> admit? -> fork() -> close(conn)       |
-    |   pipe      -> the action parent/signals.py names                |
-    |   pidfd     -> waitpid(that pid): reaped, slot freed             |
-    | at max_children: listeners leave the loop (the backlog waits)    |
-    +--------------+-----------------------------+---------------------+
-                   | fork()                      | fork()
-    +--------------v------------+     +----------v----------+
-    | child (child/): one conn. |     | child               |  ...
-    | signals back to SIG_DFL,  |     +---------------------+
-    | parent's fds closed,      |
-    | handler(conn, addr),      |
-    | shutdown + close, _exit   |
+        SIGTERM/INT graceful stop, QUIT now, HUP reload, USR2 upgrade, USR1 reopen log
+                              |  (the handler only writes a byte to the signal pipe)
+    +------------------------ v -------- parent ---------------------------+
+    | fds: listeners (TCP v4/v6, UDP, Unix; TLS or PROXY per listener),    |
+    |      epoll, signal pipe, one pidfd per child, metrics listener;      |
+    |      with spares: the handoff socketpair and the busy pipe           |
+    | loop (parent/loop.py): epoll_wait, each ready fd's callback, one     |
+    |      deadline heap                                                   |
+    |   TCP/Unix  -> accept() -> admit? -> fork() -> close(conn)           |
+    |   UDP       -> recvfrom() -> admit? -> fork() (the child answers)    |
+    |   PROXY     -> header read without blocking, then admit? as above    |
+    |   pipe      -> the action parent/signals.py names                    |
+    |   pidfd     -> waitpid(that pid) alone: no SIGCHLD, no waitpid(-1)   |
+    | at max_children: listeners leave the loop (the backlog waits)        |
+    +---------+-------------------------------+----------------------------+
+              | fork() per connection         | fork() ahead (spare_children)
+    +---------v-----------------+   +---------v------------------------------+
+    | child (child/stream.py,   |   | spare (child/spare.py): accepts from   |
+    | child/datagram.py)        |   | the listener itself (EPOLLEXCLUSIVE),  |
+    | signals back to SIG_DFL,  |   | or takes a connection the parent hands |
+    | parent's fds closed,      |   | over (SCM_RIGHTS); then as a child.    |
+    | handler(conn, addr),      |   | EOF on the handoff socket: exit 0      |
+    | shutdown + close, _exit   |   +----------------------------------------+
     +---------------------------+
 
-Where each step lives: a connection is accepted in ``parent/accept.py``;
-what runs after fork is in ``child/``; a signal is handled as
-``parent/signals.py`` says; a setting is defined in ``config/settings.py``.
-The README's module map lists every module.
+Signals are blocked across fork(), so a child never runs the parent's
+handlers.  Where each step lives: a connection is accepted in
+``parent/accept.py`` (a datagram in ``parent/datagrams.py``); what runs
+after fork is in ``child/``; a child is reaped in ``parent/children.py``; a
+signal is handled as ``parent/signals.py`` says; a setting is defined in
+``config/settings.py``.  The README's module map lists every module.
 """
 
 from __future__ import annotations
