@@ -13,6 +13,9 @@ CONFIG ?= conf/echo.toml
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "forkserver needs Python >= 3.11; this is " + sys.version.split()[0])'
 	@$(PYTHON) -m venv $(VENV) || { echo "python3 -m venv failed: on Debian/Ubuntu install python3-venv" >&2; exit 1; }
+	@# The distribution was called "forkserver" before (a name PyPI gives another
+	@# project): a venv made then would keep its editable finder beside the new one.
+	@$(BIN)/python -m pip uninstall --quiet --yes forkserver 2>/dev/null || true
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --editable '.[dev]'
 	@touch $(STAMP)
 

@@ -169,8 +169,9 @@ class Settings(Table):
     proc_title: bool = setting(
         True,
         "Process titles for ps and top, with the optional setproctitle (the `[title]` "
-        'extra): the parent shows its config and listeners, a child "conn PEER", a spare '
-        '"spare". Costs a child about 10 page faults (~25 us); false costs nothing.',
+        "extra), when serving from the command line: the parent shows its config and "
+        'listeners, a child "conn PEER", a spare "spare". Costs a child about 10 page '
+        "faults (~25 us); false costs nothing.",
     )
     metrics: str = setting(
         "",
