@@ -13,6 +13,8 @@ alone: the process is its host's to name.
 
 from __future__ import annotations
 
+import os
+
 from .addresses import format_address
 
 TYPE_CHECKING = False
@@ -43,9 +45,20 @@ def enable(source: str, handler: str | None, listeners: Sequence[Listener]) -> b
         return False
     named = source if source != "command line" else handler
     addresses = " ".join(listener.name for listener in listeners)
-    # The first call moves the environment out of the way of the title (it
-    # shares argv's memory): done here, once, so that no child repeats it.
-    setproctitle(f"{PREFIX}master [{named}] {addresses}".rstrip())
+    # SPT_NOENV: the title gets argv's space alone (the lean parent's command
+    # line is long enough), and the environment block is left where it is:
+    # otherwise /proc/PID/environ of the parent and every child reads empty,
+    # for tools and for the bench's leak check (tests/helpers/bench.py).
+    # Read at the first call, which is made here once, not in each child.
+    before = os.environ.get("SPT_NOENV")
+    os.environ["SPT_NOENV"] = "1"
+    try:
+        setproctitle(f"{PREFIX}master [{named}] {addresses}".rstrip())
+    finally:
+        if before is None:
+            del os.environ["SPT_NOENV"]
+        else:
+            os.environ["SPT_NOENV"] = before
     set_title = setproctitle
     return True
 

@@ -37,9 +37,11 @@ def test_parent_shows_config_and_listeners_child_its_peer_spare_that_it_is_one(
 ) -> None:
     path = tmp_path / "titled.toml"
     path.write_text(config(spare_children=1))
-    server = start_server(None, "--config", str(path))
+    server = start_server(None, "--config", str(path), env={"TITLE_TEST_MARK": "kept"})
     host, port = server.tcp_address
     assert cmdline(server.pid) == f"forkserver: master [{path}] {host}:{port}"
+    # The title did not take the environment's place: tools still read it.
+    assert b"\0TITLE_TEST_MARK=kept\0" in Path(f"/proc/{server.pid}/environ").read_bytes()
     wait_until(lambda: titles_of_children(server) == ["forkserver: spare"], 10, "a spare")
     with server.connect() as client:
         client.sendall(b"ping\n")
