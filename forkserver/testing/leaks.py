@@ -122,7 +122,8 @@ def describe(processes: Sequence[psutil.Process]) -> str:
     rows = []
     for process in processes:
         try:
-            command = " ".join(process.cmdline()) or f"[{process.name()}]"
+            # A process title (setproctitle) leaves empty arguments behind it.
+            command = " ".join(filter(None, process.cmdline())) or f"[{process.name()}]"
             parent = process.ppid()
         except psutil.Error:
             command, parent = "(gone)", 0
