@@ -8,10 +8,13 @@ Servers (``--servers``, all by default): ``forkserver`` (``python -m
 forkserver``, ``forkserver.examples.echo``, forking on accept),
 ``forkserver-pool`` (the same with spare_children), stdlib ``socketserver``
 (``ForkingTCPServer``, ``bench/peers/socketserver_echo.py``), ucspi-tcp
-``tcpserver ... cat`` when installed, and three floors, which nobody would
+``tcpserver ... cat`` when installed, and four floors, which nobody would
 run but which show how far a design could go here: ``python-floor``
 (``bench/peers/leanfloor.py`` under ``python -S -I``: raw-fd accept, fork,
-``os.read``/``os.write`` echo, exit, reaping in its loop), ``python-sigchld``
+``os.read``/``os.write`` echo, exit, reaping in its loop), ``python-needs``
+(``bench/peers/needsfloor.py``: the same plus what forkserver promises, written
+as cheaply as we know: an epoll loop, signals to a wakeup fd, a pidfd per
+child, a socket object and a handler instance in the child), ``python-sigchld``
 (``bench/peers/forkecho.py``: the same with socket objects and a SIGCHLD
 handler) and ``c-floor`` (``bench/peers/forkecho.c``, built at run time);
 all with the same ``--max-children`` and ``--backlog``, on 127.0.0.1.
@@ -59,7 +62,7 @@ BASELINE = "socketserver"
 SERVERS = SERVER_NAMES
 # The targets: each server's ratio to each reference, in one run.
 TARGET_SERVERS = ("forkserver", "forkserver-pool")
-TARGET_REFERENCES = ("python-floor", "tcpserver")
+TARGET_REFERENCES = ("python-floor", "python-needs", "tcpserver")
 NO_COMPILER = (
     "no C compiler (cc, gcc or clang): load from bench.load (Python), whose CPU per "
     "connection is close to the servers'; compare the load us column with theirs"

@@ -103,6 +103,15 @@ def python_floor_spec(backlog: int) -> ServerSpec:
     return ServerSpec("python-floor", [*argv, "--backlog", str(backlog)], r"^(\d+)$", r"^\d+$")
 
 
+def python_needs_spec(backlog: int) -> ServerSpec:
+    """bench/peers/needsfloor.py: the lean floor plus what forkserver promises
+    (epoll loop, signals to a wakeup fd, a pidfd per child, a socket object
+    and a handler class in the child)."""
+    script = str(PEERS / "needsfloor.py")
+    argv = [sys.executable, "-S", "-I", script, "--host", HOST, "--port", "0"]
+    return ServerSpec("python-needs", [*argv, "--backlog", str(backlog)], r"^(\d+)$", r"^\d+$")
+
+
 def python_sigchld_spec(backlog: int) -> ServerSpec:
     """bench/peers/forkecho.py: the floor's loop with socket objects and a SIGCHLD handler."""
     script = str(PEERS / "forkecho.py")
@@ -136,6 +145,7 @@ _SPECS: dict[str, Callable[[int, int], ServerSpec | None]] = {
     "socketserver": socketserver_spec,
     "tcpserver": tcpserver_spec,
     "python-floor": lambda m, b: python_floor_spec(b),
+    "python-needs": lambda m, b: python_needs_spec(b),
     "python-sigchld": lambda m, b: python_sigchld_spec(b),
     "c-floor": lambda m, b: c_floor_spec(b),
 }

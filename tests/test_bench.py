@@ -263,7 +263,7 @@ def test_churn_client() -> None:
 def test_compare_out_help_and_columns(tmp_path: Path) -> None:
     help_text = run_bench("-m", "bench.compare", "--help").stdout
     for name in ("forkserver", "forkserver-pool", "socketserver", "tcpserver", "python-floor",
-                 "python-sigchld", "c-floor"):  # fmt: skip
+                 "python-needs", "python-sigchld", "c-floor"):  # fmt: skip
         assert name in help_text
     tracked = ROOT / "bench" / "results" / "compare-latest.json"
     before = tracked.stat().st_mtime_ns if tracked.exists() else None
@@ -299,6 +299,7 @@ def test_compare(out_dir: Path) -> None:
     assert result.returncode == 0, result.stderr
     data = json.loads((out_dir / "compare-latest.json").read_text())
     expected = {"forkserver", "forkserver-pool", "socketserver", "python-floor", "python-sigchld"}
+    expected |= {"python-needs"}
     expected |= {"tcpserver"} if shutil.which("tcpserver") else set()
     expected |= {"c-floor"} if _has_cc() else set()
     assert set(data["summary"]) == expected
@@ -319,7 +320,7 @@ def test_compare(out_dir: Path) -> None:
     assert len(list(out_dir.glob("compare-2*.json"))) == 1
     assert "forkserver" in result.stdout and "conn/s" in result.stdout
     # The targets: forkserver and the pool over each reference that ran.
-    refs = {"python-floor"} | ({"tcpserver"} & expected)
+    refs = {"python-floor", "python-needs"} | ({"tcpserver"} & expected)
     pairs = {(t["server"], t["reference"]) for t in data["targets"]}
     assert pairs == {(s, r) for s in ("forkserver", "forkserver-pool") for r in refs}
     for t in data["targets"]:

@@ -17,6 +17,7 @@ import time
 from .. import log, pidfile, systemd
 from ..admission import Admission
 from ..child.limits import ChildLimits
+from ..child.warm import warm_up
 from . import threads
 from .accept import Acceptor
 from .children import ChildTable, describe_status
@@ -29,7 +30,7 @@ from .stop import Stopper
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from socket import socket as Socket
     from typing import Any
 
@@ -152,9 +153,11 @@ class Parent:
         services: list[Service],
         answer_scrape: Callable[[Socket, Any], None],
         handler_name: str,
+        handlers: Sequence[Any] = (),
     ) -> None:
         """Serve until a stop is done.  *answer_scrape* answers a metrics
-        request in a scrape child; *handler_name* is for the ready line."""
+        request in a scrape child; *handler_name* is for the ready line;
+        *handlers* are warmed up before the first fork (child/warm.py)."""
         self.pipe = pipe = SignalPipe()
         self.forker.changed()
         loop, acceptor = self.loop, self.acceptor
@@ -180,6 +183,7 @@ class Parent:
                     self.admission.opened(child.source)
             self.adopted = []
             acceptor.resume()
+            warm_up([lis.family for lis in listeners], handlers)
             # Everything imported so far is shared with every child; keep the
             # collector from touching (and so copying) those pages after fork.
             gc.collect()
