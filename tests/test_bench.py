@@ -322,7 +322,9 @@ def test_compare(out_dir: Path) -> None:
     # The targets: forkserver and the pool over each reference that ran.
     refs = {"python-floor", "python-needs"} | ({"tcpserver"} & expected)
     pairs = {(t["server"], t["reference"]) for t in data["targets"]}
-    assert pairs == {(s, r) for s in ("forkserver", "forkserver-pool") for r in refs}
+    servers = ("forkserver", "forkserver-pool")
+    # and the context: the needs floor over the lean one
+    assert pairs == {(s, r) for s in servers for r in refs} | {("python-needs", "python-floor")}
     for t in data["targets"]:
         assert t["conn_per_s_8"] > 0 and t["p50_ms_1"] > 0 and t["faults_per_conn"] > 0
         assert t["conn_per_s_32"] is None  # not measured in this run
