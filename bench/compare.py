@@ -3,6 +3,7 @@
     python -m bench.compare                          # defaults: about 9 minutes
     python -m bench.compare --rounds 1 --concurrency 1,8 --duration 2
     python -m bench.compare --out bench/results      # replace the tracked results
+    python -m bench.compare --servers forkserver --baseline ../old   # before and after
 
 Servers (``--servers``, all by default): ``forkserver`` (``python -m
 forkserver``, ``forkserver.examples.echo``, forking on accept),
@@ -18,6 +19,9 @@ child, a socket object and a handler instance in the child), ``python-sigchld``
 (``bench/peers/forkecho.py``: the same with socket objects and a SIGCHLD
 handler) and ``c-floor`` (``bench/peers/forkecho.c``, built at run time);
 all with the same ``--max-children`` and ``--backlog``, on 127.0.0.1.
+``--baseline CHECKOUT`` adds ``forkserver@base``, forkserver forking on accept
+from another checkout (``git worktree add ../old v1``): a change's before and
+after, measured in one run.
 
 The load is a closed-loop ``--payload``-byte churn (connect, send, half-close,
 read to EOF, close) from ``bench/peers/churn.c``, built at run time with the
@@ -56,7 +60,16 @@ from .common import (
     run_load,
     write_results,
 )
-from .servers import SERVER_NAMES, RunningServer, ServerError, ServerSpec, peer_specs, serve
+from .servers import (
+    BASELINE_NAME,
+    SERVER_NAMES,
+    RunningServer,
+    ServerError,
+    ServerSpec,
+    baseline_spec,
+    peer_specs,
+    serve,
+)
 
 BASELINE = "socketserver"
 SERVERS = SERVER_NAMES
@@ -235,6 +248,7 @@ def targets(summary: dict[str, Any], runs: list[dict[str, Any]]) -> list[dict[st
 
     pairs = [(name, ref) for name in TARGET_SERVERS for ref in TARGET_REFERENCES]
     pairs += [(NEEDS_FLOOR, "python-floor")] + [(name, NEEDS_FLOOR) for name in TARGET_SERVERS]
+    pairs += [("forkserver", BASELINE_NAME)]  # with --baseline: after over before
     out = []
     for name, ref in pairs:
         if not summary.get(name) or not summary.get(ref):
@@ -414,6 +428,13 @@ def _parser() -> argparse.ArgumentParser:
         help="results directory (default %(default)s; bench/results replaces the tracked "
         "compare-latest.json)",
     )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="CHECKOUT",
+        help=f"also run {BASELINE_NAME}: forkserver from another checkout (a git worktree of "
+        "an earlier commit), to compare before and after in the same run",
+    )
     p.add_argument("--no-plot", action="store_true", help="skip the PNG charts")
     return p
 
@@ -422,6 +443,10 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
     """Every round, then the summary; the result as written to JSON."""
     names = [n.strip() for n in args.servers.split(",") if n.strip()]
     specs = peer_specs(names, args.max_children, args.backlog)
+    if args.baseline is not None:
+        if not (args.baseline / "forkserver" / "__init__.py").is_file():
+            raise SystemExit(f"bench.compare: --baseline {args.baseline}: no forkserver/ there")
+        specs.append(baseline_spec(args.baseline.resolve(), args.max_children, args.backlog))
     load = Generator(prefer_c=args.generator == "c")
     if args.generator == "c" and load.binary is None:
         print(NO_COMPILER, file=sys.stderr)

@@ -26,6 +26,7 @@ log line or the port it prints), never a sleep.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -62,6 +63,7 @@ class ServerSpec:
     port_pattern: str  # regex, group 1 is the port
     ready_pattern: str
     env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None  # default: the repository's root
 
 
 # Spares for the "forkserver-pool" peer: enough that 8-32 clients rarely
@@ -86,6 +88,19 @@ def forkserver_spec(
         r"listening on 127\.0\.0\.1:(\d+)",
         r"forkserver ready",
         env or {},
+    )
+
+
+BASELINE_NAME = "forkserver@base"
+
+
+def baseline_spec(checkout: Path, max_children: int, backlog: int) -> ServerSpec:
+    """forkserver forking on accept, run from another *checkout* (say, a
+    ``git worktree`` of the last release): before and after, in one run."""
+    spec = forkserver_spec(max_children, backlog)
+    # python -m puts the working directory first on sys.path: run from there.
+    return dataclasses.replace(
+        spec, name=BASELINE_NAME, env={"PYTHONPATH": str(checkout)}, cwd=checkout
     )
 
 
@@ -305,7 +320,7 @@ def serve(spec: ServerSpec, ready_timeout: float = 60.0) -> Iterator[RunningServ
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        cwd=ROOT,
+        cwd=spec.cwd or ROOT,
         env=bench_env(spec.env),
         start_new_session=True,
     )

@@ -331,6 +331,38 @@ def test_compare(out_dir: Path) -> None:
     assert "forkserver-pool / python-floor" in result.stdout
 
 
+_pycache = shutil.ignore_patterns("__pycache__")
+
+
+@pytest.mark.timeout(90)
+def test_compare_against_a_baseline_checkout(out_dir: Path, tmp_path: Path) -> None:
+    """--baseline runs forkserver from another checkout beside this one."""
+    checkout = tmp_path / "old"
+    shutil.copytree(ROOT / "forkserver", checkout / "forkserver", ignore=_pycache)
+    init = checkout / "forkserver" / "__init__.py"  # leaves a mark when it is the one imported
+    init.write_text(
+        init.read_text() + "\n__import__('pathlib').Path(__file__).with_name('ran').touch()\n"
+    )
+    result = run_bench(
+        "-m", "bench.compare", "--servers", "forkserver", "--baseline", str(checkout),
+        "--rounds", "1", "--concurrency", "1", "--duration", "0.5", "--warmup", "0",
+        "--out", str(out_dir),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads((out_dir / "compare-latest.json").read_text())
+    assert set(data["summary"]) == {"forkserver", "forkserver@base"}
+    assert (checkout / "forkserver" / "ran").exists()  # the baseline ran from the checkout
+    assert not (ROOT / "forkserver" / "ran").exists()
+    assert data["summary"]["forkserver@base"]["1"]["errors_total"] == 0
+    assert data["summary"]["forkserver@base"]["1"]["conn_per_s"] > 0
+    assert [(t["server"], t["reference"]) for t in data["targets"]] == [
+        ("forkserver", "forkserver@base")
+    ]
+    missing = run_bench("-m", "bench.compare", "--baseline", str(tmp_path / "nowhere"))
+    assert missing.returncode != 0
+    assert "no forkserver/ there" in missing.stderr
+
+
 @pytest.mark.timeout(90)
 def test_fork_cost(out_dir: Path) -> None:
     result = run_bench(
