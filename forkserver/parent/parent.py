@@ -76,7 +76,8 @@ class Parent:
             spares = Spares(settings, loop, self.children, forker, run, on_error, limits)
             spares.may_watch = lambda: acceptor.listening and acceptor.can_accept()
             spares.watch = acceptor.watch_direct
-            spares.serving_starts = acceptor.serving_starts
+            if acceptor.per_child_work:  # admission or max_lifetime: else nothing to start
+                spares.serving_starts = acceptor.serving_starts
             spares.fork_failed = acceptor.fork_failed
             self.children.before_reap = spares.catch_up
             acceptor.spares = self.spares = spares
