@@ -3,18 +3,25 @@
     python -m bench.compare                          # defaults: about 9 minutes
     python -m bench.compare --rounds 1 --concurrency 1,8 --duration 2
     python -m bench.compare --out bench/results      # replace the tracked results
+    python -m bench.compare --servers forkserver --baseline ../old   # before and after
 
 Servers (``--servers``, all by default): ``forkserver`` (``python -m
 forkserver``, ``forkserver.examples.echo``, forking on accept),
 ``forkserver-pool`` (the same with spare_children), stdlib ``socketserver``
 (``ForkingTCPServer``, ``bench/peers/socketserver_echo.py``), ucspi-tcp
-``tcpserver ... cat`` when installed, and three floors, which nobody would
+``tcpserver ... cat`` when installed, and four floors, which nobody would
 run but which show how far a design could go here: ``python-floor``
 (``bench/peers/leanfloor.py`` under ``python -S -I``: raw-fd accept, fork,
-``os.read``/``os.write`` echo, exit, reaping in its loop), ``python-sigchld``
+``os.read``/``os.write`` echo, exit, reaping in its loop), ``python-needs``
+(``bench/peers/needsfloor.py``: the same plus what forkserver promises, written
+as cheaply as we know: an epoll loop, signals to a wakeup fd, a pidfd per
+child, a socket object and a handler instance in the child), ``python-sigchld``
 (``bench/peers/forkecho.py``: the same with socket objects and a SIGCHLD
 handler) and ``c-floor`` (``bench/peers/forkecho.c``, built at run time);
 all with the same ``--max-children`` and ``--backlog``, on 127.0.0.1.
+``--baseline CHECKOUT`` adds ``forkserver@base``, forkserver forking on accept
+from another checkout (``git worktree add ../old v1``): a change's before and
+after, measured in one run.
 
 The load is a closed-loop ``--payload``-byte churn (connect, send, half-close,
 read to EOF, close) from ``bench/peers/churn.c``, built at run time with the
@@ -53,13 +60,25 @@ from .common import (
     run_load,
     write_results,
 )
-from .servers import SERVER_NAMES, RunningServer, ServerError, ServerSpec, peer_specs, serve
+from .servers import (
+    BASELINE_NAME,
+    SERVER_NAMES,
+    RunningServer,
+    ServerError,
+    ServerSpec,
+    baseline_spec,
+    peer_specs,
+    serve,
+)
 
 BASELINE = "socketserver"
 SERVERS = SERVER_NAMES
 # The targets: each server's ratio to each reference, in one run.
 TARGET_SERVERS = ("forkserver", "forkserver-pool")
 TARGET_REFERENCES = ("python-floor", "tcpserver")
+# Not targets, the context for them: what the product's contract costs
+# (python-needs over the lean floor), and forkserver over that contract.
+NEEDS_FLOOR = "python-needs"
 NO_COMPILER = (
     "no C compiler (cc, gcc or clang): load from bench.load (Python), whose CPU per "
     "connection is close to the servers'; compare the load us column with theirs"
@@ -207,7 +226,8 @@ def ratios(summary: dict[str, Any], baseline: str = BASELINE) -> dict[str, Any]:
 
 
 def targets(summary: dict[str, Any], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The team's targets: forkserver (and the pool) over the floor and tcpserver.
+    """The team's targets: forkserver (and the pool) over the floor and tcpserver;
+    and their context: the needs floor over the lean one, forkserver over the needs floor.
 
     conn/s at 8 and 32 clients and p50 at 1 client are ratios of the medians
     in the summary; faults per connection, of the medians over every
@@ -226,23 +246,23 @@ def targets(summary: dict[str, Any], runs: list[dict[str, Any]]) -> list[dict[st
         row = summary.get(name, {}).get(c)
         return None if row is None else row[key]
 
+    pairs = [(name, ref) for name in TARGET_SERVERS for ref in TARGET_REFERENCES]
+    pairs += [(NEEDS_FLOOR, "python-floor")] + [(name, NEEDS_FLOOR) for name in TARGET_SERVERS]
+    pairs += [("forkserver", BASELINE_NAME)]  # with --baseline: after over before
     out = []
-    for name in TARGET_SERVERS:
-        for ref in TARGET_REFERENCES:
-            if not summary.get(name) or not summary.get(ref):
-                continue
-            out.append(
-                {
-                    "server": name,
-                    "reference": ref,
-                    "conn_per_s_8": ratio(at(name, "8", "conn_per_s"), at(ref, "8", "conn_per_s")),
-                    "conn_per_s_32": ratio(
-                        at(name, "32", "conn_per_s"), at(ref, "32", "conn_per_s")
-                    ),
-                    "p50_ms_1": ratio(at(name, "1", "p50_ms"), at(ref, "1", "p50_ms")),
-                    "faults_per_conn": ratio(faults(name), faults(ref)),
-                }
-            )
+    for name, ref in pairs:
+        if not summary.get(name) or not summary.get(ref):
+            continue
+        out.append(
+            {
+                "server": name,
+                "reference": ref,
+                "conn_per_s_8": ratio(at(name, "8", "conn_per_s"), at(ref, "8", "conn_per_s")),
+                "conn_per_s_32": ratio(at(name, "32", "conn_per_s"), at(ref, "32", "conn_per_s")),
+                "p50_ms_1": ratio(at(name, "1", "p50_ms"), at(ref, "1", "p50_ms")),
+                "faults_per_conn": ratio(faults(name), faults(ref)),
+            }
+        )
     return out
 
 
@@ -408,6 +428,13 @@ def _parser() -> argparse.ArgumentParser:
         help="results directory (default %(default)s; bench/results replaces the tracked "
         "compare-latest.json)",
     )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="CHECKOUT",
+        help=f"also run {BASELINE_NAME}: forkserver from another checkout (a git worktree of "
+        "an earlier commit), to compare before and after in the same run",
+    )
     p.add_argument("--no-plot", action="store_true", help="skip the PNG charts")
     return p
 
@@ -416,6 +443,10 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
     """Every round, then the summary; the result as written to JSON."""
     names = [n.strip() for n in args.servers.split(",") if n.strip()]
     specs = peer_specs(names, args.max_children, args.backlog)
+    if args.baseline is not None:
+        if not (args.baseline / "forkserver" / "__init__.py").is_file():
+            raise SystemExit(f"bench.compare: --baseline {args.baseline}: no forkserver/ there")
+        specs.append(baseline_spec(args.baseline.resolve(), args.max_children, args.backlog))
     load = Generator(prefer_c=args.generator == "c")
     if args.generator == "c" and load.binary is None:
         print(NO_COMPILER, file=sys.stderr)

@@ -26,6 +26,7 @@ log line or the port it prints), never a sleep.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -62,6 +63,7 @@ class ServerSpec:
     port_pattern: str  # regex, group 1 is the port
     ready_pattern: str
     env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None  # default: the repository's root
 
 
 # Spares for the "forkserver-pool" peer: enough that 8-32 clients rarely
@@ -89,6 +91,19 @@ def forkserver_spec(
     )
 
 
+BASELINE_NAME = "forkserver@base"
+
+
+def baseline_spec(checkout: Path, max_children: int, backlog: int) -> ServerSpec:
+    """forkserver forking on accept, run from another *checkout* (say, a
+    ``git worktree`` of the last release): before and after, in one run."""
+    spec = forkserver_spec(max_children, backlog)
+    # python -m puts the working directory first on sys.path: run from there.
+    return dataclasses.replace(
+        spec, name=BASELINE_NAME, env={"PYTHONPATH": str(checkout)}, cwd=checkout
+    )
+
+
 def socketserver_spec(max_children: int, backlog: int) -> ServerSpec:
     script = str(PEERS / "socketserver_echo.py")
     argv = [sys.executable, script, "--host", HOST, "--port", "0"]
@@ -101,6 +116,15 @@ def python_floor_spec(backlog: int) -> ServerSpec:
     script = str(PEERS / "leanfloor.py")
     argv = [sys.executable, "-S", "-I", script, "--host", HOST, "--port", "0"]
     return ServerSpec("python-floor", [*argv, "--backlog", str(backlog)], r"^(\d+)$", r"^\d+$")
+
+
+def python_needs_spec(backlog: int) -> ServerSpec:
+    """bench/peers/needsfloor.py: the lean floor plus what forkserver promises
+    (epoll loop, signals to a wakeup fd, a pidfd per child, a socket object
+    and a handler class in the child)."""
+    script = str(PEERS / "needsfloor.py")
+    argv = [sys.executable, "-S", "-I", script, "--host", HOST, "--port", "0"]
+    return ServerSpec("python-needs", [*argv, "--backlog", str(backlog)], r"^(\d+)$", r"^\d+$")
 
 
 def python_sigchld_spec(backlog: int) -> ServerSpec:
@@ -136,6 +160,7 @@ _SPECS: dict[str, Callable[[int, int], ServerSpec | None]] = {
     "socketserver": socketserver_spec,
     "tcpserver": tcpserver_spec,
     "python-floor": lambda m, b: python_floor_spec(b),
+    "python-needs": lambda m, b: python_needs_spec(b),
     "python-sigchld": lambda m, b: python_sigchld_spec(b),
     "c-floor": lambda m, b: c_floor_spec(b),
 }
@@ -295,7 +320,7 @@ def serve(spec: ServerSpec, ready_timeout: float = 60.0) -> Iterator[RunningServ
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        cwd=ROOT,
+        cwd=spec.cwd or ROOT,
         env=bench_env(spec.env),
         start_new_session=True,
     )

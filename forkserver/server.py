@@ -256,7 +256,11 @@ class Server:
         self._serving = True
         try:
             parent.serve(
-                self.listeners, self._services, answer_scrape, _handler_name(self._default_handler)
+                self.listeners,
+                self._services,
+                answer_scrape,
+                _handler_name(self._default_handler),
+                [self.RequestHandlerClass, *(service.handler for service in self._services)],
             )
         finally:
             self._serving = False

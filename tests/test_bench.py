@@ -263,7 +263,7 @@ def test_churn_client() -> None:
 def test_compare_out_help_and_columns(tmp_path: Path) -> None:
     help_text = run_bench("-m", "bench.compare", "--help").stdout
     for name in ("forkserver", "forkserver-pool", "socketserver", "tcpserver", "python-floor",
-                 "python-sigchld", "c-floor"):  # fmt: skip
+                 "python-needs", "python-sigchld", "c-floor"):  # fmt: skip
         assert name in help_text
     tracked = ROOT / "bench" / "results" / "compare-latest.json"
     before = tracked.stat().st_mtime_ns if tracked.exists() else None
@@ -299,6 +299,7 @@ def test_compare(out_dir: Path) -> None:
     assert result.returncode == 0, result.stderr
     data = json.loads((out_dir / "compare-latest.json").read_text())
     expected = {"forkserver", "forkserver-pool", "socketserver", "python-floor", "python-sigchld"}
+    expected |= {"python-needs"}
     expected |= {"tcpserver"} if shutil.which("tcpserver") else set()
     expected |= {"c-floor"} if _has_cc() else set()
     assert set(data["summary"]) == expected
@@ -319,13 +320,47 @@ def test_compare(out_dir: Path) -> None:
     assert len(list(out_dir.glob("compare-2*.json"))) == 1
     assert "forkserver" in result.stdout and "conn/s" in result.stdout
     # The targets: forkserver and the pool over each reference that ran.
-    refs = {"python-floor"} | ({"tcpserver"} & expected)
+    refs = {"python-floor", "python-needs"} | ({"tcpserver"} & expected)
     pairs = {(t["server"], t["reference"]) for t in data["targets"]}
-    assert pairs == {(s, r) for s in ("forkserver", "forkserver-pool") for r in refs}
+    servers = ("forkserver", "forkserver-pool")
+    # and the context: the needs floor over the lean one
+    assert pairs == {(s, r) for s in servers for r in refs} | {("python-needs", "python-floor")}
     for t in data["targets"]:
         assert t["conn_per_s_8"] > 0 and t["p50_ms_1"] > 0 and t["faults_per_conn"] > 0
         assert t["conn_per_s_32"] is None  # not measured in this run
     assert "forkserver-pool / python-floor" in result.stdout
+
+
+_pycache = shutil.ignore_patterns("__pycache__")
+
+
+@pytest.mark.timeout(90)
+def test_compare_against_a_baseline_checkout(out_dir: Path, tmp_path: Path) -> None:
+    """--baseline runs forkserver from another checkout beside this one."""
+    checkout = tmp_path / "old"
+    shutil.copytree(ROOT / "forkserver", checkout / "forkserver", ignore=_pycache)
+    init = checkout / "forkserver" / "__init__.py"  # leaves a mark when it is the one imported
+    init.write_text(
+        init.read_text() + "\n__import__('pathlib').Path(__file__).with_name('ran').touch()\n"
+    )
+    result = run_bench(
+        "-m", "bench.compare", "--servers", "forkserver", "--baseline", str(checkout),
+        "--rounds", "1", "--concurrency", "1", "--duration", "0.5", "--warmup", "0",
+        "--out", str(out_dir),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads((out_dir / "compare-latest.json").read_text())
+    assert set(data["summary"]) == {"forkserver", "forkserver@base"}
+    assert (checkout / "forkserver" / "ran").exists()  # the baseline ran from the checkout
+    assert not (ROOT / "forkserver" / "ran").exists()
+    assert data["summary"]["forkserver@base"]["1"]["errors_total"] == 0
+    assert data["summary"]["forkserver@base"]["1"]["conn_per_s"] > 0
+    assert [(t["server"], t["reference"]) for t in data["targets"]] == [
+        ("forkserver", "forkserver@base")
+    ]
+    missing = run_bench("-m", "bench.compare", "--baseline", str(tmp_path / "nowhere"))
+    assert missing.returncode != 0
+    assert "no forkserver/ there" in missing.stderr
 
 
 @pytest.mark.timeout(90)

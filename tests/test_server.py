@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psutil
 import pytest
@@ -201,6 +202,31 @@ def test_harmless_signals_during_accept_never_break_serving(start_server: StartS
     children_gone(server)
     assert server.stop() == 0
     assert "stopped: all children have exited" in server.log
+
+
+@pytest.mark.timeout(30)
+def test_a_signal_the_handler_module_handles_is_left_to_it(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """A handler module may install its own Python signal handler in the
+    parent: that signal reaches the wakeup fd too, and the parent leaves it
+    to the module (it once took it for its own, failed to find an action,
+    and died with KeyError)."""
+    noted = tmp_path / "noted"
+    server = start_server(
+        config("tests.helpers.own_signal_handler:echo"), env={"OWN_SIGNAL_FILE": str(noted)}
+    )
+
+    def noted_lines() -> int:
+        return noted.read_text().count("\n") if noted.exists() else 0
+
+    for _ in range(3):  # one at a time: pending signals of one kind merge
+        before = noted_lines()
+        server.signal(signal.SIGWINCH)
+        wait_until(lambda: noted_lines() > before, 10)  # noqa: B023 (called in this iteration)
+    assert noted.read_text() == f"{int(signal.SIGWINCH)}\n" * 3
+    assert echo_roundtrip(server.tcp_address, b"still here") == b"still here"
+    assert server.stop() == 0
 
 
 @pytest.mark.timeout(90)

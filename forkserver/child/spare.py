@@ -30,6 +30,7 @@ from ..handoff import PEER, encode_peer, message_size, receive, report_busy
 from ..listeners import BACKOFF_SECONDS, SKIPPED_ACCEPT_ERRNOS
 from .datagram import answer
 from .stream import serve
+from .warm import warm_up
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -142,6 +143,8 @@ def wait_and_serve(
     A connection from a listener with a service (its own handler, TLS, the
     PROXY protocol) names it by index into *services*, plus one.  *direct*:
     the listeners the spare accepts from itself, with that index."""
+    # Copy the pages the connection path writes now, before a client waits.
+    warm_up([listener.family for listener in direct], ())
     got = take_connection(handoff_fd, busy_fd, direct, message_size(services))
     if got is None:
         return 0

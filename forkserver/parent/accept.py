@@ -142,6 +142,7 @@ class Acceptor:
         """The default path's callback for *listener*: accept, fork, close."""
         accept = listener.sock._accept  # type: ignore[attr-defined]
         family, service = listener.family, listener.service  # its own handler, or TLS
+        live = self._children.by_pid  # len() of the dict: no Python call (children.py)
 
         def on_readable(_: int) -> None:
             try:
@@ -152,14 +153,14 @@ class Acceptor:
                 self.accept_failed(listener, exc)
                 return
             self.accepted += 1
-            if len(self._children) < self._max_children:
+            if len(live) < self._max_children:
                 self._spawn(fd, family, peer, service)
             elif self._refuse_when_full:
                 self.refusals.refuse(fd, family, peer, "full")
             else:
                 self.queued.append((fd, family, peer, service))
                 self._forker.changed()
-            if not self._refuse_when_full and len(self._children) >= self._max_children:
+            if not self._refuse_when_full and len(live) >= self._max_children:
                 self.pause()
 
         return on_readable

@@ -70,10 +70,12 @@ class Forker:
             self._closes = live
         return self._closes
 
-    def spare_closes(self, keep: set[int]) -> tuple[int, ...]:
+    def spare_closes(self, keeps: Callable[[], set[int]]) -> tuple[int, ...]:
         """In the parent, before forking a spare: the parent-only fds except
-        *keep* (the listeners it accepts from)."""
+        those ``keeps()`` returns (the listeners it accepts from), asked only
+        when the list is computed again."""
         if self._spare_closes is None or self._check:
+            keep = keeps()
             live = tuple(fd for source in self._private for fd in source() if fd not in keep)
             self._verify(self._spare_closes, live)
             self._spare_closes = live

@@ -17,6 +17,7 @@ import time
 from .. import log, pidfile, systemd
 from ..admission import Admission
 from ..child.limits import ChildLimits
+from ..child.warm import warm_up
 from . import threads
 from .accept import Acceptor
 from .children import ChildTable, describe_status
@@ -29,7 +30,7 @@ from .stop import Stopper
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from socket import socket as Socket
     from typing import Any
 
@@ -75,7 +76,8 @@ class Parent:
             spares = Spares(settings, loop, self.children, forker, run, on_error, limits)
             spares.may_watch = lambda: acceptor.listening and acceptor.can_accept()
             spares.watch = acceptor.watch_direct
-            spares.serving_starts = acceptor.serving_starts
+            if acceptor.per_child_work:  # admission or max_lifetime: else nothing to start
+                spares.serving_starts = acceptor.serving_starts
             spares.fork_failed = acceptor.fork_failed
             self.children.before_reap = spares.catch_up
             acceptor.spares = self.spares = spares
@@ -152,9 +154,11 @@ class Parent:
         services: list[Service],
         answer_scrape: Callable[[Socket, Any], None],
         handler_name: str,
+        handlers: Sequence[Any] = (),
     ) -> None:
         """Serve until a stop is done.  *answer_scrape* answers a metrics
-        request in a scrape child; *handler_name* is for the ready line."""
+        request in a scrape child; *handler_name* is for the ready line;
+        *handlers* are warmed up before the first fork (child/warm.py)."""
         self.pipe = pipe = SignalPipe()
         self.forker.changed()
         loop, acceptor = self.loop, self.acceptor
@@ -180,6 +184,7 @@ class Parent:
                     self.admission.opened(child.source)
             self.adopted = []
             acceptor.resume()
+            warm_up([lis.family for lis in listeners], handlers)
             # Everything imported so far is shared with every child; keep the
             # collector from touching (and so copying) those pages after fork.
             gc.collect()

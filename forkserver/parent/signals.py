@@ -89,8 +89,12 @@ class SignalPipe:
         except BlockingIOError:
             pass
         for signum in dict.fromkeys(taken):  # in order of arrival, each once
-            if signum != WAKE:
-                actions[signum]()
+            # set_wakeup_fd writes every signal with a Python handler, also
+            # one the handler's module installed itself (SIGWINCH, SIGRTMIN...):
+            # its own handler has run; it is not ours to act on.
+            action = actions.get(signum)
+            if action is not None:
+                action()
         on_wake()
 
     def wake(self) -> None:

@@ -86,7 +86,7 @@ class Spares:
         # bookkeeping, report a failed fork.
         self.may_watch: Callable[[], bool] = lambda: False
         self.watch: Callable[[Listener, bool], None] = lambda listener, watch: None
-        self.serving_starts: Callable[[Child], None] = lambda child: None
+        self.serving_starts: Callable[[Child], None] | None = None  # None: nothing to start
         self.fork_failed: Callable[[OSError, str], None] = lambda exc, what: None
         forker.parent_only(self._private_fds)
         forker.shared_with_spares(self._shared_fds)
@@ -116,6 +116,10 @@ class Spares:
                 for lis in listeners
                 if not lis.datagram and (lis.service is None or lis.service.trusted is None)
             }
+
+    def _direct_fds(self) -> set[int]:
+        """The listeners a spare accepts from: it keeps them."""
+        return {listener.fileno() for listener in self.direct}
 
     def _private_fds(self) -> Iterator[int]:
         if self._handoff is not None:
@@ -187,12 +191,13 @@ class Spares:
             spares = max(1, spares // 2)
             if self._top_up is None:
                 self._top_up = self._loop.call_later(TOP_UP_DELAY, self._topped_up)
-        else:
+        elif self._top_up is not None:
             self._loop.cancel(self._top_up)
             self._top_up = None
+        children = self._children.by_pid  # len() of the dict: no Python call (children.py)
         while (
             len(self._idle) - self._in_transit < spares
-            and len(self._children) < limit
+            and len(children) < limit
             and self._refill is None
             and self._handoff is not None
         ):
@@ -206,7 +211,7 @@ class Spares:
 
     def _spawn(self) -> bool:
         """Fork a spare that waits for one connection."""
-        closes = self._forker.spare_closes({listener.fileno() for listener in self.direct})
+        closes = self._forker.spare_closes(self._direct_fds)
         try:
             pid = self._forker.fork()
         except OSError as exc:
@@ -265,10 +270,11 @@ class Spares:
             else:
                 self._in_transit = max(0, self._in_transit - 1)
             self._idle.discard(pid)
-            child = self._children.get(pid)
+            child = self._children.by_pid.get(pid)
             if child is not None:
                 child.family, child.peer, child.started = family, peer, now
-                self.serving_starts(child)  # counted against its source at handoff
+                if self.serving_starts is not None:
+                    self.serving_starts(child)  # counted against its source at handoff
         if refill:
             self.fill(low_water=True)
 
@@ -287,8 +293,9 @@ class Spares:
 
     def refill_now(self) -> None:
         """A child exited: fork what a failed fork left missing, now."""
-        self._loop.cancel(self._refill)
-        self._refill = None
+        if self._refill is not None:
+            self._loop.cancel(self._refill)
+            self._refill = None
         self.fill()
 
     def retire(self) -> list[tuple[int, int, Any, Service | None, bytes]]:
