@@ -335,8 +335,9 @@ _pycache = shutil.ignore_patterns("__pycache__")
 
 
 @pytest.mark.timeout(90)
-def test_compare_against_a_baseline_checkout(out_dir: Path, tmp_path: Path) -> None:
+def test_compare_against_a_baseline_checkout(tmp_path: Path) -> None:
     """--baseline runs forkserver from another checkout beside this one."""
+    out_dir = tmp_path / "results"  # its own: the report's test reads the shared one
     checkout = tmp_path / "old"
     shutil.copytree(ROOT / "forkserver", checkout / "forkserver", ignore=_pycache)
     init = checkout / "forkserver" / "__init__.py"  # leaves a mark when it is the one imported
