@@ -20,7 +20,6 @@ import time
 from collections import deque
 
 from .. import log
-from ..addresses import format_address
 from ..child.start import become
 from ..child.stream import serve
 from ..listeners import BACKOFF_SECONDS, SKIPPED_ACCEPT_ERRNOS
@@ -82,6 +81,7 @@ class Acceptor:
         self.stopping = False
         self.held = False  # a reload waits for PROXY headers: accept nothing new
         self._resume: Timer | None = None  # out of descriptors or processes: try again then
+        self._fork_retry_at = 0.0  # fork() failed: no fork tried before then
         # Connections (and datagrams) waiting for a slot: at a stop's drain,
         # or handed back from the spares.
         self.queued: deque[tuple[int, int, Any, Service | None]] = deque()
@@ -153,7 +153,8 @@ class Acceptor:
                 return
             self.accepted += 1
             if len(self._children) < self._max_children:
-                self._spawn(fd, family, peer, service)
+                if not self._spawn(fd, family, peer, service):
+                    self._unforked(fd, family, peer, service)
             elif self._refuse_when_full:
                 self.refusals.refuse(fd, family, peer, "full")
             else:
@@ -202,7 +203,8 @@ class Acceptor:
                 return
         if not self._dispatch(fd, family, peer, service):
             if self._refuse_when_full:
-                self.refusals.refuse(fd, family, peer, "full")
+                reason = "fork_failed" if self._fork_retry_at else "full"
+                self.refusals.refuse(fd, family, peer, reason)
                 return
             # At max_children while stopping (or a full handoff queue): the
             # next child to exit makes room for it.
@@ -219,20 +221,25 @@ class Acceptor:
             return True
         if len(self._children) >= self._max_children:
             return False
-        self._spawn(fd, family, peer, service)
-        return True
+        return self._spawn(fd, family, peer, service)
 
-    def _spawn(self, fd: int, family: int, peer: Any, service: Service | None) -> None:
-        """Fork a child for accepted connection *fd*."""
+    def _spawn(self, fd: int, family: int, peer: Any, service: Service | None) -> bool:
+        """Fork a child for *fd*; False if fork() failed (now, or within the backoff)."""
+        if self._fork_retry_at and time.monotonic() < self._fork_retry_at:
+            return False  # fork() failed a moment ago; one attribute on the default path
         closes = self._forker.closes()
         try:
             pid = self._forker.fork()
         except OSError as exc:
-            self.fork_failed_backing_off(
-                exc, f"refusing the connection from {format_address(family, peer)}"
-            )
-            self.refusals.refuse(fd, family, peer, "fork_failed")
-            return
+            # "refuse": each connection until the retry is refused at once (one
+            # per backoff left a flood waiting: 33 took 3.2 s); "wait": the
+            # listeners pause, the backlog and the queue hold them.
+            self._fork_retry_at = time.monotonic() + BACKOFF_SECONDS
+            held = "refusing" if self._refuse_when_full else "holding"
+            self.fork_failed(exc, f"{held} connections for {BACKOFF_SECONDS:g}s")
+            if not self._refuse_when_full:
+                self.back_off()
+            return False
         if pid == 0:
             run = self._run if service is None else service.run
             limits = self._limits
@@ -247,6 +254,15 @@ class Acceptor:
         if self.per_child_work:
             self.serving_starts(child)
             self._admission.opened(child.source)
+        return True
+
+    def _unforked(self, fd: int, family: int, peer: Any, service: Service | None) -> None:
+        """No fork for *fd* now: refused, or queued until the retry (when_full)."""
+        if self._refuse_when_full:
+            self.refusals.refuse(fd, family, peer, "fork_failed")
+        else:
+            self.queued.append((fd, family, peer, service))
+            self._forker.changed()
 
     def serving_starts(self, child: Child) -> None:
         """*child* now serves a connection: note the source it counts against,
@@ -317,6 +333,7 @@ class Acceptor:
         """A child exited: serve what waits for a slot, or listen again."""
         if self.per_child_work:
             self._admission.closed(child.source)
+        self._fork_retry_at = 0.0  # an exiting child frees a process
         if self.queued or self.datagrams.queued:
             self.dispatch_queued()
         if not self.listening and not self.stopping:
@@ -375,6 +392,9 @@ class Acceptor:
         self._resume = None
         if self.on_backoff is not None:
             self.on_backoff(False)
+        self._fork_retry_at = 0.0
+        if self.queued:  # held while fork() failed
+            self.dispatch_queued()
         self.resume()
 
     def fork_failed_backing_off(self, exc: OSError, consequence: str) -> None:
