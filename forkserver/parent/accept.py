@@ -73,7 +73,7 @@ class Acceptor:
         self._refuse_when_full = settings.when_full == "refuse"
         self.refusals = Refusals(settings.busy_message, settings.access_log)
         self.spares: Spares | None = None  # set by the server with spare_children
-        self.proxied = Proxied(self, settings, loop, forker)  # PROXY headers being read
+        self.proxied = Proxied(self, settings, loop, forker, children)  # PROXY headers being read
         self.listeners: list[Listener] = []
         self.accepted = 0
         self.fork_failures = 0
@@ -284,14 +284,12 @@ class Acceptor:
         """Whether to accept now: a connection would get a child at once, or
         when_full = "refuse" (it would get the busy message)."""
         spares = self.spares
+        # (Enough connections waiting for a PROXY header pause the PROXY
+        # listeners alone: proxied.py.)
         return (
             self._refuse_when_full
             or len(self._children) < self._max_children
             or (spares is not None and spares.waiting())
-        ) and (
-            # Enough connections wait for their PROXY header: the next ones
-            # wait in the backlog (or are refused).
-            self._refuse_when_full or not self.proxied.full()
         )
 
     def pause(self) -> None:
@@ -316,7 +314,7 @@ class Acceptor:
             return
         direct = self.spares.direct if self.spares is not None else {}
         for listener in self.listeners:
-            if listener not in direct:
+            if listener not in direct and listener not in self.proxied.paused:
                 self._loop.add_reader(listener.fileno(), self._callbacks[listener])
         self.listening = True
         if self.spares is not None:
