@@ -10,7 +10,8 @@ fork, close the parent's copy, watch the child.
 At max_children the listeners leave the loop (the kernel's backlog holds
 the clients) until a child exits, or, with ``when_full = "refuse"``, each
 connection over the limit gets the busy message.  Out of descriptors
-(EMFILE) or processes, accepting pauses for BACKOFF_SECONDS.
+(EMFILE), accepting pauses for BACKOFF_SECONDS; when fork() fails, no fork
+is tried for as long, and connections meanwhile wait or are refused at once.
 """
 
 from __future__ import annotations
