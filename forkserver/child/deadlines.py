@@ -57,14 +57,25 @@ class Connection(socket.socket):
             self._request_deadline = 0.0  # the reply begins: the request is in
         if not self.send_timeout or self._send_deadline:  # no limit, or inside a flush
             return self._within(self._send_deadline, super().sendall, data, flags)  # type: ignore[no-any-return]
+        # Most replies fit in the socket's buffer: one send that does not
+        # wait, and no timeout to set and restore (two syscalls: 12.7 against
+        # 5.1 us for a 64-byte sendall and recv on a socketpair).
+        view = memoryview(data).cast("B")
+        try:
+            sent = super().send(view, flags | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent == len(view):
+            return None
         # CPython's sendall() with a timeout treats it as a deadline for the
         # whole call (since 3.5; measured: 1.14 s for timeout=1.0 against a
         # reader taking 4 KiB every 50 ms), so one settimeout() is enough.
         self._send_deadline = monotonic() + self.send_timeout
         try:
-            self._within(self._send_deadline, super().sendall, data, flags)
+            self._within(self._send_deadline, super().sendall, view[sent:], flags)
         finally:
             self._send_deadline = 0.0
+        return None
 
     def send(self, data: ReadableBuffer, flags: int = 0, /) -> int:
         if self._received:
