@@ -90,6 +90,10 @@ CASES: dict[str, Bad] = {
         _server("graceful_timeout = nan"),
         ("server.graceful_timeout must be a number 0-86400, got nan",),
     ),
+    "request_timeout_max-below-request_timeout": Bad(
+        _server("request_timeout = 10", "request_timeout_max = 5"),
+        ("server.request_timeout_max must be 0 or at least request_timeout (10), got 5",),
+    ),
     "log_level-unknown": Bad(
         _server('log_level = "loud"'),
         (

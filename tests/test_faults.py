@@ -255,7 +255,10 @@ def test_fork_failure_refuses_the_connection_and_serving_resumes(
     forkserver: ServerFactory, public_dir: Path, mode: dict[str, Any]
 ) -> None:
     # Three processes for this uid: the parent and two children.
-    text = config("tests.helpers.services:PidEcho", max_children=10, **mode) + BUSY_TOML
+    text = (
+        config("tests.helpers.services:PidEcho", max_children=10, when_full="refuse", **mode)
+        + BUSY_TOML
+    )
     server = _start_unprivileged(forkserver, text, public_dir, nproc=3)
     held: list[socket.socket] = []
     try:
@@ -286,6 +289,82 @@ def test_fork_failure_refuses_the_connection_and_serving_resumes(
         assert server.stop() == 0
     finally:
         for sock in held:
+            sock.close()
+        server.kill_group()
+        print(server.log)  # shown if the test failed
+
+
+def _hold_every_process(server: ServerProcess, n: int) -> list[socket.socket]:
+    """*n* clients, each served by a child: the uid's processes are used up."""
+    held: list[socket.socket] = []
+    for _ in range(n):
+        held.append(connect(server.tcp_address, timeout=4))
+        read_pid_greeting(held[-1])
+    return held
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(os.geteuid() != 0, reason="starting a server as another uid needs root")
+def test_fork_failure_refuses_a_whole_flood_at_once(
+    forkserver: ServerFactory, public_dir: Path
+) -> None:
+    # when_full = "refuse": every connection that cannot get a child gets the
+    # busy message at once, not one per backoff (it was 33 in 3.2 s).
+    n = 40
+    text = config("tests.helpers.services:PidEcho", max_children=10, when_full="refuse") + BUSY_TOML
+    server = _start_unprivileged(forkserver, text, public_dir, nproc=3)
+    held: list[socket.socket] = []
+    try:
+        server.wait_ready()
+        held = _hold_every_process(server, 2)
+        started = time.monotonic()
+        flood = []
+        for _ in range(n):
+            flood.append(connect(server.tcp_address, timeout=5))
+        for sock in flood:
+            assert recv_to_eof(sock, timeout=5) == BUSY.encode()
+            sock.close()
+        took = time.monotonic() - started
+        assert took < 0.5, f"{n} refusals took {took:.2f}s"
+        server.wait_for_log(r"fork\(\) failed: Resource temporarily unavailable; refusing")
+        assert server.poll() is None
+        assert server.stop() == 0
+    finally:
+        for sock in held:
+            sock.close()
+        server.kill_group()
+        print(server.log)  # shown if the test failed
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(os.geteuid() != 0, reason="starting a server as another uid needs root")
+def test_fork_failure_with_when_full_wait_holds_connections_until_a_process_is_free(
+    forkserver: ServerFactory, public_dir: Path
+) -> None:
+    n = 10
+    text = config("tests.helpers.services:PidEcho", max_children=10) + BUSY_TOML
+    server = _start_unprivileged(forkserver, text, public_dir, nproc=3)
+    held: list[socket.socket] = []
+    waiting: list[socket.socket] = []
+    try:
+        server.wait_ready()
+        held = _hold_every_process(server, 2)
+        for i in range(n):
+            waiting.append(connect(server.tcp_address, timeout=20))
+            waiting[-1].sendall(f"client {i}\n".encode())
+        server.wait_for_log(r"fork\(\) failed: Resource temporarily unavailable; holding")
+        for sock in held:
+            sock.close()
+        # Served one after another as processes free up; none refused.
+        for i, sock in enumerate(waiting):
+            line = f"client {i}\n".encode()
+            greeting, _, echoed = recv_until(sock, line).partition(b"\n")
+            assert greeting.isdigit() and echoed == line
+            sock.close()
+        assert "fork_failed" not in server.log
+        assert server.stop() == 0
+    finally:
+        for sock in held + waiting:
             sock.close()
         server.kill_group()
         print(server.log)  # shown if the test failed

@@ -44,10 +44,9 @@ def serve(
 
     *family* is the client's: with the PROXY protocol it need not be the
     socket's (an IPv4 client through a proxy on a Unix socket)."""
-    if service is None:
-        conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
-    else:
-        conn = socket.socket(fileno=fd)
+    # A Connection (deadlines.py) only where a deadline is configured.
+    kind = socket.socket if limits is None else limits.connection_class
+    conn = kind(family, socket.SOCK_STREAM, 0, fd) if service is None else kind(fileno=fd)
     started = time.monotonic() if limits is not None and limits.access_log else 0.0
     status = 1
     try:
@@ -72,7 +71,9 @@ def serve(
         )
         status = 0
     except BaseException as exc:
-        why = limits.timed_out(conn, exc) if limits is not None else None
+        from .limits import timeout_reason
+
+        why = timeout_reason(conn, exc, limits)  # idle_timeout and the handler's own
         if why is None:
             on_error(conn, peer)
         else:

@@ -260,8 +260,33 @@ class Settings(Table):
     )
     send_timeout: float = setting(
         0.0,
-        "Seconds a send may wait for a client that does not read (SO_SNDTIMEO), when "
-        "`idle_timeout` is 0 (otherwise that bounds sends too). 0: none.",
+        "Seconds a whole `sendall()` (or a `wfile` write and flush) may take, however "
+        "many sends it makes: a client that reads too slowly or not at all is "
+        "disconnected. exec services get the kernel's bounds instead (see Timeouts). "
+        "0: `idle_timeout` bounds each sendall.",
+        min=0,
+        max=86400,
+    )
+    request_timeout: float = setting(
+        0.0,
+        "Seconds the client gets to send its request: from the accept until the "
+        "handler's first send after the client's first byte (Apache's mod_reqtimeout "
+        "`header=`). Then the connection is closed and its child exits. 0: none.",
+        min=0,
+        max=86400,
+    )
+    request_min_rate: int = setting(
+        0,
+        "Bytes per second that extend `request_timeout` by one second each as they "
+        "arrive (mod_reqtimeout's `MinRate`), up to `request_timeout_max`: a client "
+        "trickling a byte a second is cut at `request_timeout`. 0: a fixed deadline.",
+        min=0,
+        max=1 << 30,
+    )
+    request_timeout_max: float = setting(
+        0.0,
+        "The most `request_min_rate` may extend `request_timeout` to, in seconds "
+        "from the accept; 0: no cap.",
         min=0,
         max=86400,
     )
@@ -325,6 +350,11 @@ class Settings(Table):
 
             if grp.getgrnam(self.group).gr_gid != os.getegid():
                 raise ConfigError(f"{TABLE}.group: switching to {show(self.group)} needs root")
+        if self.request_timeout_max and self.request_timeout_max < self.request_timeout:
+            raise ConfigError(
+                f"{TABLE}.request_timeout_max must be 0 or at least request_timeout "
+                f"({self.request_timeout:g}), got {self.request_timeout_max:g}"
+            )
         if self.spare_children > self.max_children:
             raise ConfigError(
                 f"{TABLE}.spare_children must be at most max_children ({self.max_children}), "

@@ -10,7 +10,8 @@ fork, close the parent's copy, watch the child.
 At max_children the listeners leave the loop (the kernel's backlog holds
 the clients) until a child exits, or, with ``when_full = "refuse"``, each
 connection over the limit gets the busy message.  Out of descriptors
-(EMFILE) or processes, accepting pauses for BACKOFF_SECONDS.
+(EMFILE), accepting pauses for BACKOFF_SECONDS; when fork() fails, no fork
+is tried for as long, and connections meanwhile wait or are refused at once.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import time
 from collections import deque
 
 from .. import log
-from ..addresses import format_address
 from ..child.start import become
 from ..child.stream import serve
 from ..listeners import BACKOFF_SECONDS, SKIPPED_ACCEPT_ERRNOS
@@ -74,7 +74,7 @@ class Acceptor:
         self._refuse_when_full = settings.when_full == "refuse"
         self.refusals = Refusals(settings.busy_message, settings.access_log)
         self.spares: Spares | None = None  # set by the server with spare_children
-        self.proxied = Proxied(self, settings, loop, forker)  # PROXY headers being read
+        self.proxied = Proxied(self, settings, loop, forker, children)  # PROXY headers being read
         self.listeners: list[Listener] = []
         self.accepted = 0
         self.fork_failures = 0
@@ -82,6 +82,7 @@ class Acceptor:
         self.stopping = False
         self.held = False  # a reload waits for PROXY headers: accept nothing new
         self._resume: Timer | None = None  # out of descriptors or processes: try again then
+        self._fork_retry_at = 0.0  # fork() failed: no fork tried before then
         # Connections (and datagrams) waiting for a slot: at a stop's drain,
         # or handed back from the spares.
         self.queued: deque[tuple[int, int, Any, Service | None]] = deque()
@@ -154,7 +155,8 @@ class Acceptor:
                 return
             self.accepted += 1
             if len(live) < self._max_children:
-                self._spawn(fd, family, peer, service)
+                if not self._spawn(fd, family, peer, service):
+                    self._unforked(fd, family, peer, service)
             elif self._refuse_when_full:
                 self.refusals.refuse(fd, family, peer, "full")
             else:
@@ -203,7 +205,8 @@ class Acceptor:
                 return
         if not self._dispatch(fd, family, peer, service):
             if self._refuse_when_full:
-                self.refusals.refuse(fd, family, peer, "full")
+                reason = "fork_failed" if self._fork_retry_at else "full"
+                self.refusals.refuse(fd, family, peer, reason)
                 return
             # At max_children while stopping (or a full handoff queue): the
             # next child to exit makes room for it.
@@ -220,20 +223,25 @@ class Acceptor:
             return True
         if len(self._children) >= self._max_children:
             return False
-        self._spawn(fd, family, peer, service)
-        return True
+        return self._spawn(fd, family, peer, service)
 
-    def _spawn(self, fd: int, family: int, peer: Any, service: Service | None) -> None:
-        """Fork a child for accepted connection *fd*."""
+    def _spawn(self, fd: int, family: int, peer: Any, service: Service | None) -> bool:
+        """Fork a child for *fd*; False if fork() failed (now, or within the backoff)."""
+        if self._fork_retry_at and time.monotonic() < self._fork_retry_at:
+            return False  # fork() failed a moment ago; one attribute on the default path
         closes = self._forker.closes()
         try:
             pid = self._forker.fork()
         except OSError as exc:
-            self.fork_failed_backing_off(
-                exc, f"refusing the connection from {format_address(family, peer)}"
-            )
-            self.refusals.refuse(fd, family, peer, "fork_failed")
-            return
+            # "refuse": each connection until the retry is refused at once (one
+            # per backoff left a flood waiting: 33 took 3.2 s); "wait": the
+            # listeners pause, the backlog and the queue hold them.
+            self._fork_retry_at = time.monotonic() + BACKOFF_SECONDS
+            held = "refusing" if self._refuse_when_full else "holding"
+            self.fork_failed(exc, f"{held} connections for {BACKOFF_SECONDS:g}s")
+            if not self._refuse_when_full:
+                self.back_off()
+            return False
         if pid == 0:
             run = self._run if service is None else service.run
             limits = self._limits
@@ -248,6 +256,15 @@ class Acceptor:
         if self.per_child_work:
             self.serving_starts(child)
             self._admission.opened(child.source)
+        return True
+
+    def _unforked(self, fd: int, family: int, peer: Any, service: Service | None) -> None:
+        """No fork for *fd* now: refused, or queued until the retry (when_full)."""
+        if self._refuse_when_full:
+            self.refusals.refuse(fd, family, peer, "fork_failed")
+        else:
+            self.queued.append((fd, family, peer, service))
+            self._forker.changed()
 
     def serving_starts(self, child: Child) -> None:
         """*child* now serves a connection: note the source it counts against,
@@ -269,14 +286,12 @@ class Acceptor:
         """Whether to accept now: a connection would get a child at once, or
         when_full = "refuse" (it would get the busy message)."""
         spares = self.spares
+        # (Enough connections waiting for a PROXY header pause the PROXY
+        # listeners alone: proxied.py.)
         return (
             self._refuse_when_full
             or len(self._children) < self._max_children
             or (spares is not None and spares.waiting())
-        ) and (
-            # Enough connections wait for their PROXY header: the next ones
-            # wait in the backlog (or are refused).
-            self._refuse_when_full or not self.proxied.full()
         )
 
     def pause(self) -> None:
@@ -301,7 +316,7 @@ class Acceptor:
             return
         direct = self.spares.direct if self.spares is not None else {}
         for listener in self.listeners:
-            if listener not in direct:
+            if listener not in direct and listener not in self.proxied.paused:
                 self._loop.add_reader(listener.fileno(), self._callbacks[listener])
         self.listening = True
         if self.spares is not None:
@@ -318,6 +333,7 @@ class Acceptor:
         """A child exited: serve what waits for a slot, or listen again."""
         if self.per_child_work:
             self._admission.closed(child.source)
+        self._fork_retry_at = 0.0  # an exiting child frees a process
         if self.queued or self.datagrams.queued:
             self.dispatch_queued()
         if not self.listening and not self.stopping:
@@ -376,6 +392,9 @@ class Acceptor:
         self._resume = None
         if self.on_backoff is not None:
             self.on_backoff(False)
+        self._fork_retry_at = 0.0
+        if self.queued:  # held while fork() failed
+            self.dispatch_queued()
         self.resume()
 
     def fork_failed_backing_off(self, exc: OSError, consequence: str) -> None:
