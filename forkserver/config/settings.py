@@ -16,6 +16,7 @@ from ..errors import ConfigError
 from .fields import Table, deferred_dataclass, setting
 from .listen import Listen, check_unique
 from .paths import check_log_file, check_pidfile, check_socket_paths
+from .sandbox import Sandbox
 from .text import show
 from .values import (
     check_account,
@@ -305,6 +306,11 @@ class Settings(Table):
         max=0o777,
         octal=True,
     )
+    sandbox: Sandbox | None = setting(
+        None,
+        "Each connection's sandbox (Landlock, seccomp, no network), given as a "
+        "`[sandbox]` table (see below and docs/sandbox.md). Absent: none, at no cost.",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -329,7 +335,9 @@ class Settings(Table):
         """Settings holding *values*, unchecked, as ``dataclasses.asdict`` gave them
         (``listen``: a dict for each table).  For the lean parent: imports nothing."""
         listen = tuple(Listen.from_dict(table) for table in values["listen"])
-        return super().from_dict({**values, "listen": listen})
+        box = values["sandbox"]
+        sandbox = Sandbox.from_dict(box) if box is not None else None
+        return super().from_dict({**values, "listen": listen, "sandbox": sandbox})
 
     def replace(self, source: str, **changes: Any) -> Settings:
         """Return a copy with *changes* applied and checked; *source* names them."""
