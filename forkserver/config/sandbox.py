@@ -21,12 +21,11 @@ SANDBOX_TABLE = "sandbox"
 
 
 def check_sandbox_paths(values: tuple[str, ...]) -> str | None:
-    """Paths a Landlock rule opens: each must exist now."""
+    """Paths a Landlock rule opens: each must exist now (the parent opens them
+    once, at start, to build the ruleset)."""
     for path in values:
         if not path:
             return "a path cannot be empty"
-        if not os.path.isabs(path):
-            return f"{show(path)} must be an absolute path (or relative to the config file)"
         if not os.path.exists(path):
             return f"{show(path)} does not exist"
     return None
