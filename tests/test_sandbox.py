@@ -214,3 +214,31 @@ def test_with_seccomp_the_parent_has_compiled_it_once(start_server: StartServer)
     maps = Path(f"/proc/{server.pid}/maps").read_text()
     assert "libseccomp" in maps
     _stopped_cleanly(server)
+
+
+# -- a [[listen]] table's own sandbox -------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", MODES)
+def test_a_listeners_sandbox_confines_its_connections_only(
+    start_server: StartServer, tmp_path: Path, mode: dict[str, Any]
+) -> None:
+    readable, _, secret = _files(tmp_path)
+    text = toml_table("server", {"handler": HANDLER, **mode})
+    text += '[[listen]]\ntcp = "127.0.0.1:0"\n'
+    text += '[[listen]]\ntcp = "127.0.0.1:0"\n'
+    text += toml_table("listen.sandbox", {"landlock": "on", "read": [str(readable)]})
+    server = start_server(text)
+    plain, confined = server.addresses
+    assert re.search(r"sandbox for the connections of tcp 127\.0\.0\.1:0: landlock", server.log)
+
+    def ask(address: Any, line: str) -> str:
+        with connect(address, timeout=10) as sock:
+            sock.sendall(line.encode() + b"\n")
+            return recv_to_eof(sock, timeout=10).decode().strip()
+
+    assert ask(confined, f"read {readable / 'data'}") == "ok 10 bytes"
+    assert ask(confined, f"read {secret}") == "error EACCES"
+    assert ask(plain, f"read {secret}") == "ok 7 bytes"  # the other listener: no sandbox
+    _stopped_cleanly(server)

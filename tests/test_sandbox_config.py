@@ -110,6 +110,40 @@ def test_the_sandbox_table_is_a_top_level_table(tmp_path: Path, text: str, messa
     assert message in result.stderr, result.stderr
 
 
+LISTEN = '[[listen]]\ntcp = "127.0.0.1:0"\n[listen.sandbox]\n'
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param(
+            LISTEN + 'syscalls_deny = ["nosuchcall"]\n',
+            'sandbox.syscalls_deny: unknown system call "nosuchcall"',
+            id="unknown-syscall",
+        ),
+        pytest.param(
+            LISTEN + 'read = ["/usr"]\n',
+            'sandbox.read needs landlock = "on" (or "best-effort")',
+            id="no-landlock",
+        ),
+        pytest.param(
+            'user = "nobody"\n' + LISTEN + 'network = "none"\n',
+            'network = "none" in a [[listen]] sandbox needs children that keep root',
+            id="network-after-user-drop",
+        ),
+    ],
+)
+def test_a_bad_listener_sandbox_is_one_line_and_exit_2(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    server = f'[server]\nhandler = "{HANDLER}"\n'
+    (tmp_path / "bad.toml").write_text(server + text)
+    result = run_forkserver("--config", "bad.toml", cwd=tmp_path)
+    assert_config_refused(result)
+    assert message in result.stderr, result.stderr
+
+
 # -- what the machine lacks ---------------------------------------------------------------
 
 NO_LANDLOCK = (

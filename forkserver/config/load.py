@@ -50,7 +50,7 @@ def load(path: str) -> Settings:
                 f"{path}: server.{clash[0]} cannot be combined with [[{LISTEN_TABLE}]] "
                 "tables: give every listener as a table"
             )
-        listen = [resolve_paths(Listen, t, directory) for t in listen]
+        listen = [_listen_paths(t, directory) for t in listen]
         table = {**table, LISTEN_TABLE: listen}
     if SANDBOX_TABLE in table:
         raise ConfigError(
@@ -62,6 +62,15 @@ def load(path: str) -> Settings:
             raise ConfigError(f"{path}: {SANDBOX_TABLE} must be a table, got {show(sandbox)}")
         table = {**table, SANDBOX_TABLE: resolve_paths(Sandbox, sandbox, directory)}
     return Settings.from_mapping(table, path)
+
+
+def _listen_paths(table: dict[str, object], directory: str) -> dict[str, object]:
+    """A [[listen]] table's paths, and its [listen.sandbox]'s, joined to *directory*."""
+    resolved = resolve_paths(Listen, table, directory)
+    sandbox = resolved.get(SANDBOX_TABLE)
+    if isinstance(sandbox, dict):
+        resolved[SANDBOX_TABLE] = resolve_paths(Sandbox, sandbox, directory)
+    return resolved
 
 
 def _read(path: str) -> dict[str, object]:

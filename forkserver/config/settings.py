@@ -324,6 +324,13 @@ class Settings(Table):
 
             if grp.getgrnam(self.group).gr_gid != os.getegid():
                 raise ConfigError(f"{TABLE}.group: switching to {show(self.group)} needs root")
+        if self.user and any(t.sandbox and t.sandbox.network == "none" for t in self.listen):
+            # A listener's sandbox applies after the user drop, and a network
+            # namespace needs CAP_SYS_ADMIN; [sandbox]'s is made before the drop.
+            raise ConfigError(
+                f'{TABLE}.user: network = "none" in a [[listen]] sandbox needs children '
+                "that keep root; give it in [sandbox] instead"
+            )
         if self.spare_children > self.max_children:
             raise ConfigError(
                 f"{TABLE}.spare_children must be at most max_children ({self.max_children}), "

@@ -14,6 +14,11 @@ of plain ``ChildLimits`` (decided once, in ``parent/parent.py``), and
 
 and only then the handler (or the TLS handshake) runs.  The metrics scrape
 children keep plain limits: they serve the parent's numbers, not clients.
+
+A ``[[listen]]`` table's own sandbox is a second :class:`Prebuilt`, held by
+that listener's ``Service`` and entered just before its handler (all five
+steps but the user drop); the kernel stacks it on the first: Landlock
+rulesets and seccomp filters can only take more away.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ logger = log.get_logger(__name__)
 class Prebuilt:
     """What a child applies, built once: the Landlock ruleset fd and the seccomp BPF."""
 
-    def __init__(self, sandbox: Sandbox) -> None:
+    def __init__(self, sandbox: Sandbox, label: str = "each connection") -> None:
         self.network_none = sandbox.network == "none"
         self.ruleset = -1
         self.program: Program | None = None
@@ -74,7 +79,7 @@ class Prebuilt:
         )
         if self.no_new_privs:
             said.append("no_new_privs")
-        logger.info("sandbox for each connection: %s", ", ".join(said) or "nothing applies")
+        logger.info("sandbox for %s: %s", label, ", ".join(said) or "nothing applies")
 
     def apply(self) -> None:
         """In the child, after the user drop: steps 3-5 (raises OSError)."""
@@ -87,6 +92,13 @@ class Prebuilt:
             os.close(self.ruleset)  # the handler has no use for it
         if self.program is not None:
             self.program.load()
+
+    def enter(self) -> None:
+        """A listener's sandbox, in the child just before its handler: all of it
+        at once (the config refuses network = "none" here if the user drop came first)."""
+        if self.network_none:
+            calls.leave_network()
+        self.apply()
 
     def close(self) -> None:
         """In the parent, when it is done forking."""
