@@ -242,3 +242,53 @@ def test_a_listeners_sandbox_confines_its_connections_only(
     assert ask(confined, f"read {secret}") == "error EACCES"
     assert ask(plain, f"read {secret}") == "ok 7 bytes"  # the other listener: no sandbox
     _stopped_cleanly(server)
+
+
+# -- Landlock ABI versions ----------------------------------------------------------------
+
+
+def _truncate_under(version: int, directory: Path, victim: Path) -> str:
+    """In a forked child: a read-only ruleset over *directory* built for ABI
+    *version*, then truncate(*victim*); the outcome, through a pipe."""
+    from forkserver.sandbox import calls, landlock
+
+    ruleset = landlock.build((str(directory),), (), version)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        outcome = b"allowed"
+        try:
+            calls.no_new_privs()
+            landlock.restrict_self(ruleset)
+            os.truncate(victim, 0)
+        except PermissionError:
+            outcome = b"EACCES"
+        except BaseException:
+            outcome = b"failed"
+        os.write(write_end, outcome)
+        os._exit(0)
+    os.close(write_end)
+    os.close(ruleset)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as result:
+        said = result.read().decode()
+    assert os.waitstatus_to_exitcode(status) == 0
+    return said
+
+
+@pytest.mark.timeout(30)
+def test_an_older_abi_leaves_what_it_cannot_restrict_allowed_and_says_so(tmp_path: Path) -> None:
+    from forkserver.sandbox import landlock
+
+    if landlock.abi() < 3:
+        pytest.skip("needs a kernel with Landlock ABI 3 (truncate) to compare")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"0123456789")
+    # The running kernel's ABI handles truncate: denied.
+    assert _truncate_under(landlock.abi(), tmp_path, victim) == "EACCES"
+    assert victim.stat().st_size == 10
+    # A ruleset as an ABI 1 kernel would get it cannot: allowed, as the log says.
+    assert landlock.lost_rights(1) == ["truncate (ABI 3)", "device ioctls (ABI 5)"]
+    assert landlock.lost_rights(landlock.abi()) == []
+    assert _truncate_under(1, tmp_path, victim) == "allowed"
+    assert victim.stat().st_size == 0

@@ -7,9 +7,10 @@ inherited at fork; the fd is close-on-exec and not in the list of fds a child
 closes (``parent/fork.py`` closes only what its sources name).
 
 ABI versions: 1 (Linux 5.13) covers reading, writing, creating and removing
-files; 2 adds REFER (rename and link across directories), 3 TRUNCATE, 5
-IOCTL_DEV.  An older ABI handles fewer rights, so those stay allowed: best
-effort, and the parent says so once at start.
+files; 2 adds REFER (under ABI 1, renaming or linking across directories is
+always denied), 3 TRUNCATE, 5 IOCTL_DEV.  An older ABI cannot restrict the
+rights it does not know, so those stay allowed: best effort, and the parent
+says so once at start.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
 _HANDLED_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1}
 NEWEST_FS_ABI = 5
 READ_WRITE = (1 << 16) - 1
-_NAMES = {REFER: "refer (ABI 2)", TRUNCATE: "truncate (ABI 3)", IOCTL_DEV: "ioctl_dev (ABI 5)"}
+# What an older ABI leaves allowed (not REFER: without it, reparenting is denied).
+_NAMES = {TRUNCATE: "truncate (ABI 3)", IOCTL_DEV: "device ioctls (ABI 5)"}
 
 
 class _PathBeneath(ctypes.Structure):
