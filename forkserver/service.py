@@ -178,6 +178,8 @@ def build_services(
         if candidates:
             spec = candidates.pop(0)
             listener.spec = dict(vars(spec))  # for a reload that keeps this socket
+            if spec.sandbox is not None:  # a dict, as asdict() gives: it crosses exec
+                listener.spec["sandbox"] = dict(vars(spec.sandbox))
         elif listener.spec is not None:
             # Not in the config: a reload that could not bind its new
             # addresses keeps serving on the old ones, as they were.

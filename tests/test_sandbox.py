@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import tempfile
 from pathlib import Path
@@ -100,6 +101,10 @@ def test_a_denied_syscall_fails_with_eperm_and_the_handler_replies(
     assert _ask(server, f"mkdir {tmp_path / 'made'}") == "error EPERM"
     assert not (tmp_path / "made").exists()
     assert _ask(server, f"read {readable / 'data'}") == "ok 10 bytes"  # the rest is allowed
+    mark = len(server.lines)
+    server.signal(signal.SIGHUP)  # the settings cross exec(): the filter is built again
+    server.wait_for_log("forkserver ready", 30, start=mark)
+    assert _ask(server, f"mkdir {tmp_path / 'made'}") == "error EPERM"
     _stopped_cleanly(server)
 
 
@@ -241,6 +246,13 @@ def test_a_listeners_sandbox_confines_its_connections_only(
     assert ask(confined, f"read {readable / 'data'}") == "ok 10 bytes"
     assert ask(confined, f"read {secret}") == "error EACCES"
     assert ask(plain, f"read {secret}") == "ok 7 bytes"  # the other listener: no sandbox
+    # A reload hands the listeners, and so their tables, across exec(): the
+    # sandbox comes back with them.
+    mark = len(server.lines)
+    server.signal(signal.SIGHUP)
+    server.wait_for_log("forkserver ready", 30, start=mark)
+    assert ask(confined, f"read {secret}") == "error EACCES"
+    assert ask(plain, f"read {secret}") == "ok 7 bytes"
     _stopped_cleanly(server)
 
 
