@@ -126,6 +126,32 @@ def test_a_denied_syscall_with_kill_ends_the_child_by_sigsys_and_is_logged(
     assert server.stop() == 0
 
 
+# What a Python handler of tests/helpers/sandbox_services.py needs, generously,
+# and a spare waiting for its connection (accept4, epoll, recvmsg): no mkdir.
+ALLOWED = """
+read write readv writev pread64 close fstat newfstatat statx lseek mmap munmap brk mprotect
+madvise rt_sigaction rt_sigprocmask rt_sigreturn sigaltstack ioctl getpid gettid getppid
+getuid geteuid getgid getegid sendto recvfrom sendmsg recvmsg shutdown getsockname
+getpeername getsockopt setsockopt accept4 epoll_create1 epoll_ctl epoll_wait epoll_pwait
+poll ppoll futex getrandom clock_gettime clock_nanosleep openat fcntl dup dup2 dup3
+getcwd uname prlimit64 set_robust_list rseq restart_syscall exit exit_group
+""".split()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", MODES)
+def test_an_allow_list_refuses_every_other_syscall(
+    start_server: StartServer, tmp_path: Path, mode: dict[str, Any]
+) -> None:
+    readable, _, _ = _files(tmp_path)
+    server = _start(start_server, {"syscalls_allow": ALLOWED}, **mode)
+    assert "seccomp allow list" in server.log
+    assert _ask(server, f"read {readable / 'data'}") == "ok 10 bytes"
+    assert _ask(server, f"mkdir {tmp_path / 'made'}") == "error EPERM"
+    assert not (tmp_path / "made").exists()
+    _stopped_cleanly(server)
+
+
 # -- network = "none" -----------------------------------------------------------------
 
 
