@@ -128,14 +128,68 @@ def test_a_denied_syscall_with_kill_ends_the_child_by_sigsys_and_is_logged(
 
 # What a Python handler of tests/helpers/sandbox_services.py needs, generously,
 # and a spare waiting for its connection (accept4, epoll, recvmsg): no mkdir.
-ALLOWED = """
-read write readv writev pread64 close fstat newfstatat statx lseek mmap munmap brk mprotect
-madvise rt_sigaction rt_sigprocmask rt_sigreturn sigaltstack ioctl getpid gettid getppid
-getuid geteuid getgid getegid sendto recvfrom sendmsg recvmsg shutdown getsockname
-getpeername getsockopt setsockopt accept4 epoll_create1 epoll_ctl epoll_wait epoll_pwait
-poll ppoll futex getrandom clock_gettime clock_nanosleep openat fcntl dup dup2 dup3
-getcwd uname prlimit64 set_robust_list rseq restart_syscall exit exit_group
-""".split()
+ALLOWED = [
+    "read",
+    "write",
+    "readv",
+    "writev",
+    "pread64",
+    "close",
+    "fstat",
+    "newfstatat",
+    "statx",
+    "lseek",
+    "mmap",
+    "munmap",
+    "brk",
+    "mprotect",
+    "madvise",
+    "rt_sigaction",
+    "rt_sigprocmask",
+    "rt_sigreturn",
+    "sigaltstack",
+    "ioctl",
+    "getpid",
+    "gettid",
+    "getppid",
+    "getuid",
+    "geteuid",
+    "getgid",
+    "getegid",
+    "sendto",
+    "recvfrom",
+    "sendmsg",
+    "recvmsg",
+    "shutdown",
+    "getsockname",
+    "getpeername",
+    "getsockopt",
+    "setsockopt",
+    "accept4",
+    "epoll_create1",
+    "epoll_ctl",
+    "epoll_wait",
+    "epoll_pwait",
+    "poll",
+    "ppoll",
+    "futex",
+    "getrandom",
+    "clock_gettime",
+    "clock_nanosleep",
+    "openat",
+    "fcntl",
+    "dup",
+    "dup2",
+    "dup3",
+    "getcwd",
+    "uname",
+    "prlimit64",
+    "set_robust_list",
+    "rseq",
+    "restart_syscall",
+    "exit",
+    "exit_group",
+]
 
 
 @pytest.mark.timeout(60)
