@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .handlers import HandlerType
+    from .sandbox import Prebuilt
 
 __all__ = ["Service", "build_services", "tls_context"]
 
@@ -50,6 +51,12 @@ class Service:
             self.tls = tls_context(spec, source)
         self.trusted: tuple[Any, ...] | None = None
         self.proxy_timeout: float = spec.proxy_timeout
+        self.sandbox: Prebuilt | None = None
+        if spec.sandbox:  # built once here; applied in the child just before the handler
+            from .sandbox import Prebuilt
+
+            self.sandbox = Prebuilt(spec.sandbox, f"the connections of {spec.name}")
+            self.run = self._run_sandboxed  # type: ignore[method-assign]
         if spec.proxy_protocol:
             import ipaddress
 
@@ -67,6 +74,12 @@ class Service:
             self.handler(request, client_address, self._server)
         else:
             self.handler(request, client_address)
+
+    def _run_sandboxed(self, request: Any, client_address: Any) -> None:
+        """run(), in this listener's sandbox (an OSError: the handler never runs)."""
+        assert self.sandbox is not None
+        self.sandbox.enter()
+        Service.run(self, request, client_address)
 
     def trusts(self, family: int, peer: Any) -> bool:
         """Whether *peer* may send a PROXY header (Unix clients always may)."""
@@ -145,7 +158,7 @@ def tls_context(spec: Any, source: str = "") -> ssl.SSLContext:
 
 
 def _plain(spec: Any) -> bool:
-    return not (spec.handler or spec.tls_cert or spec.proxy_protocol or spec.udp)
+    return not (spec.handler or spec.tls_cert or spec.proxy_protocol or spec.udp or spec.sandbox)
 
 
 def build_services(
@@ -165,6 +178,8 @@ def build_services(
         if candidates:
             spec = candidates.pop(0)
             listener.spec = dict(vars(spec))  # for a reload that keeps this socket
+            if spec.sandbox is not None:  # a dict, as asdict() gives: it crosses exec
+                listener.spec["sandbox"] = dict(vars(spec.sandbox))
         elif listener.spec is not None:
             # Not in the config: a reload that could not bind its new
             # addresses keeps serving on the old ones, as they were.

@@ -58,6 +58,7 @@ def test_defaults() -> None:
         "user": "",
         "group": "",
         "umask": -1,
+        "sandbox": None,
     }
 
 
@@ -235,7 +236,7 @@ def test_empty_paths_stay_off_and_settings_from_python_stay_as_given(tmp_path: P
 
 def _table_rows(listen: bool = False) -> list[list[str]]:
     server, _, rest = reference_table().partition("\n\n")
-    lines = (rest.split("\n\n", 1)[1] if listen else server).splitlines()
+    lines = (rest.split("\n\n")[1] if listen else server).splitlines()
     assert lines[0] == "| key | default | flag | meaning |"
     return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines[2:]]
 

@@ -143,8 +143,12 @@ def wait_and_serve(
     A connection from a listener with a service (its own handler, TLS, the
     PROXY protocol) names it by index into *services*, plus one.  *direct*:
     the listeners the spare accepts from itself, with that index."""
-    # Copy the pages the connection path writes now, before a client waits.
-    warm_up([listener.family for listener in direct], ())
+    # Copy the pages the connection path writes now, before a client waits;
+    # best effort: a sandbox may forbid the socketpair it needs.
+    try:
+        warm_up([listener.family for listener in direct], ())
+    except OSError:
+        pass
     got = take_connection(handoff_fd, busy_fd, direct, message_size(services))
     if got is None:
         return 0

@@ -7,6 +7,7 @@ setting is written down exactly once.
 
 * ``settings.py``: ``[server]``, every setting (:class:`Settings`);
 * ``listen.py``: ``[[listen]]``, one listener's table (:class:`Listen`);
+* ``sandbox.py``: ``[sandbox]`` (and ``[listen.sandbox]``), each connection's sandbox;
 * ``fields.py``: how a table is declared (``setting()``, the ``Table`` base);
 * ``checking.py``: the checks every key gets (type, range, choices, unknown keys);
 * ``values.py``: the checks some values get (networks, early drop, accounts, ...);

@@ -40,6 +40,16 @@ def _table_of(kind: Any) -> type[Table] | None:
     return None
 
 
+def _single_table(kind: Any) -> type[Table] | None:
+    """The table class of a one-table field (``Sandbox | None``), or None."""
+    args = typing.get_args(kind)
+    if len(args) == 2 and type(None) in args:
+        item = args[0] if args[1] is type(None) else args[1]
+        if isinstance(item, type) and issubclass(item, Table):
+            return item
+    return None
+
+
 def _key(cls: type[Table], name: str) -> str:
     """A key as messages name it: "server.port", "[[listen]] tcp"."""
     return f"{cls.section} {name}" if cls.section.startswith("[[") else f"{cls.section}.{name}"
@@ -72,6 +82,8 @@ def describe(cls: type[Table], f: dataclasses.Field[Any]) -> str:
     kind = field_types(cls)[f.name]
     if _table_of(kind) is not None:
         return "an array of tables"
+    if _single_table(kind) is not None:
+        return "a table"
     lo, hi, choices = f.metadata["min"], f.metadata["max"], f.metadata["choices"]
     if choices:
         return "one of " + ", ".join(f'"{c}"' for c in choices)
@@ -102,6 +114,14 @@ def _checked(cls: type[Table], f: dataclasses.Field[Any], value: Any) -> Any:
     # A NUL would be cut off silently (or raise) wherever a string meets the OS.
     nul = ConfigError(f"{key} must not contain a NUL character, got {shown}")
     item_cls = _table_of(kind)
+    one_cls = _single_table(kind)
+    if one_cls is not None:
+        if isinstance(value, Mapping):
+            reject_unknown(one_cls, value)
+            return one_cls(**value)
+        if value is None or isinstance(value, one_cls):
+            return value
+        raise bad
     if item_cls is not None:
         if not isinstance(value, list | tuple):
             raise bad

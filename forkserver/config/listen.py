@@ -6,7 +6,13 @@ from ..addresses import listen_key
 from ..errors import ConfigError
 from .fields import Table, deferred_dataclass, setting
 from .paths import check_file, check_socket_paths
+from .sandbox import Sandbox
 from .values import check_address, check_networks
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
 
 __all__ = ["LISTEN_TABLE", "Listen", "check_unique"]
 
@@ -84,6 +90,12 @@ class Listen(Table):
         min=0.001,
         max=3600,
     )
+    sandbox: Sandbox | None = setting(
+        None,
+        "This listener's own sandbox, as a `[listen.sandbox]` table (the keys of "
+        "`[sandbox]`): applied on top of `[sandbox]`, just before the handler (after the "
+        "TLS handshake). Restrictions only add up.",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,6 +118,14 @@ class Listen(Table):
             raise ConfigError(
                 f"[[{where}]] {name}: an exec handler serves plain TCP or Unix streams only"
             )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Listen:
+        """As :meth:`Table.from_dict`, the sandbox too (a dict, from asdict)."""
+        box = values.get("sandbox")
+        if isinstance(box, dict):
+            values = {**values, "sandbox": Sandbox.from_dict(box)}
+        return super().from_dict(values)
 
     @property
     def kind(self) -> str:

@@ -15,6 +15,7 @@ import tomllib
 from ..errors import ConfigError
 from .listen import LISTEN_TABLE, Listen
 from .paths import resolve_paths
+from .sandbox import SANDBOX_TABLE, Sandbox
 from .settings import TABLE, Settings
 from .text import show, show_key
 
@@ -24,11 +25,11 @@ __all__ = ["load"]
 def load(path: str) -> Settings:
     """Read a TOML file into :class:`Settings`; every problem is a ConfigError."""
     document = _read(path)
-    extra = sorted(set(document) - {TABLE, LISTEN_TABLE})
+    extra = sorted(set(document) - {TABLE, LISTEN_TABLE, SANDBOX_TABLE})
     if extra:
         raise ConfigError(
             f"{path}: unknown table or key {show_key(extra[0])} "
-            f"(expected a [{TABLE}] table and [[{LISTEN_TABLE}]] tables)"
+            f"(expected a [{TABLE}] table, [[{LISTEN_TABLE}]] tables and a [{SANDBOX_TABLE}] table)"
         )
     table = document.get(TABLE, {})
     if not isinstance(table, dict):
@@ -49,9 +50,27 @@ def load(path: str) -> Settings:
                 f"{path}: server.{clash[0]} cannot be combined with [[{LISTEN_TABLE}]] "
                 "tables: give every listener as a table"
             )
-        listen = [resolve_paths(Listen, t, directory) for t in listen]
+        listen = [_listen_paths(t, directory) for t in listen]
         table = {**table, LISTEN_TABLE: listen}
+    if SANDBOX_TABLE in table:
+        raise ConfigError(
+            f"{path}: give the sandbox as a [{SANDBOX_TABLE}] table, not server.sandbox"
+        )
+    if SANDBOX_TABLE in document:
+        sandbox = document[SANDBOX_TABLE]
+        if not isinstance(sandbox, dict):
+            raise ConfigError(f"{path}: {SANDBOX_TABLE} must be a table, got {show(sandbox)}")
+        table = {**table, SANDBOX_TABLE: resolve_paths(Sandbox, sandbox, directory)}
     return Settings.from_mapping(table, path)
+
+
+def _listen_paths(table: dict[str, object], directory: str) -> dict[str, object]:
+    """A [[listen]] table's paths, and its [listen.sandbox]'s, joined to *directory*."""
+    resolved = resolve_paths(Listen, table, directory)
+    sandbox = resolved.get(SANDBOX_TABLE)
+    if isinstance(sandbox, dict):
+        resolved[SANDBOX_TABLE] = resolve_paths(Sandbox, sandbox, directory)
+    return resolved
 
 
 def _read(path: str) -> dict[str, object]:

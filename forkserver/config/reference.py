@@ -8,6 +8,7 @@ from typing import Any
 from .checking import describe, field_types
 from .fields import Table, complete
 from .listen import LISTEN_TABLE, Listen
+from .sandbox import SANDBOX_TABLE, Sandbox
 from .settings import Settings
 
 __all__ = ["cli_flags", "field_type", "listen_flags", "metavar", "reference_table", "toml_literal"]
@@ -56,12 +57,18 @@ def reference_table() -> str:
     rows = ["| key | default | flag | meaning |", "| --- | --- | --- | --- |"]
     for f in _fields(Settings):
         default = "(required)" if f.name == "handler" else f"`{toml_literal(f, f.default)}`"
+        default = "(none)" if f.default is None else default
         rows.append(f"| `{f.name}` | {default} | {_flag(f)} | {_meaning(Settings, f)} |")
     rows += ["", f"Each `[[{LISTEN_TABLE}]]` table (`--bind` makes them from the command line):"]
     rows += ["", "| key | default | flag | meaning |", "| --- | --- | --- | --- |"]
     for f in _fields(Listen):
         default = f"`{toml_literal(f, f.default)}`"
         rows.append(f"| `{f.name}` | {default} | {_flag(f)} | {_meaning(Listen, f)} |")
+    rows += ["", f"The `[{SANDBOX_TABLE}]` table (docs/sandbox.md):"]
+    rows += ["", "| key | default | meaning |", "| --- | --- | --- |"]
+    for f in _fields(Sandbox):
+        default = f"`{toml_literal(f, f.default)}`"
+        rows.append(f"| `{f.name}` | {default} | {_meaning(Sandbox, f)} |")
     return "\n".join(rows)
 
 

@@ -16,6 +16,7 @@ from ..errors import ConfigError
 from .fields import Table, deferred_dataclass, setting
 from .listen import Listen, check_unique
 from .paths import check_log_file, check_pidfile, check_socket_paths
+from .sandbox import Sandbox
 from .text import show
 from .values import (
     check_account,
@@ -337,6 +338,11 @@ class Settings(Table):
         max=0o777,
         octal=True,
     )
+    sandbox: Sandbox | None = setting(
+        None,
+        "Each connection's sandbox (Landlock, seccomp, no network), given as a "
+        "`[sandbox]` table (see below and docs/sandbox.md). Absent: none, at no cost.",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -355,6 +361,13 @@ class Settings(Table):
                 f"{TABLE}.request_timeout_max must be 0 or at least request_timeout "
                 f"({self.request_timeout:g}), got {self.request_timeout_max:g}"
             )
+        if self.user and any(t.sandbox and t.sandbox.network == "none" for t in self.listen):
+            # A listener's sandbox applies after the user drop, and a network
+            # namespace needs CAP_SYS_ADMIN; [sandbox]'s is made before the drop.
+            raise ConfigError(
+                f'{TABLE}.user: network = "none" in a [[listen]] sandbox needs children '
+                "that keep root; give it in [sandbox] instead"
+            )
         if self.spare_children > self.max_children:
             raise ConfigError(
                 f"{TABLE}.spare_children must be at most max_children ({self.max_children}), "
@@ -366,7 +379,9 @@ class Settings(Table):
         """Settings holding *values*, unchecked, as ``dataclasses.asdict`` gave them
         (``listen``: a dict for each table).  For the lean parent: imports nothing."""
         listen = tuple(Listen.from_dict(table) for table in values["listen"])
-        return super().from_dict({**values, "listen": listen})
+        box = values["sandbox"]
+        sandbox = Sandbox.from_dict(box) if box is not None else None
+        return super().from_dict({**values, "listen": listen, "sandbox": sandbox})
 
     def replace(self, source: str, **changes: Any) -> Settings:
         """Return a copy with *changes* applied and checked; *source* names them."""

@@ -66,6 +66,10 @@ class Parent:
         self.forker = forker = Forker()
         self.limits = ChildLimits(settings)
         limits = self.limits if self.limits.any else None
+        if settings.sandbox is not None:  # decided once: no sandbox, nothing imported
+            from ..sandbox import SandboxedLimits
+
+            limits = SandboxedLimits(settings, settings.sandbox)
         self.children = ChildTable(loop, lambda child: None)
         self.admission = Admission(settings)
         self.acceptor = acceptor = Acceptor(

@@ -1,0 +1,72 @@
+"""The C calls a sandbox needs that ``os`` does not offer (Python 3.11), through ctypes.
+
+Loaded only when a sandbox is configured: the default path never imports
+ctypes (a fork copies every page the import touched).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+__all__ = ["CLONE_NEWNET", "has_capability", "leave_network", "no_new_privs", "prctl", "syscall"]
+
+PR_SET_NO_NEW_PRIVS = 38
+CLONE_NEWNET = 0x40000000
+CAP_SYS_ADMIN = 21
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.prctl.restype = ctypes.c_int
+_libc.prctl.argtypes = (
+    ctypes.c_int,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+)
+_libc.unshare.restype = ctypes.c_int
+_libc.unshare.argtypes = (ctypes.c_int,)
+
+
+def _failed(what: str) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def syscall(number: int, *args: object) -> int:
+    """The raw system call *number*; raises OSError on -1."""
+    result = int(_libc.syscall(ctypes.c_long(number), *args))
+    if result == -1:
+        raise _failed(f"syscall {number}")
+    return result
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0) -> None:
+    """prctl(*option*, ...); raises OSError."""
+    if _libc.prctl(option, arg2, arg3, 0, 0) == -1:
+        raise _failed(f"prctl({option})")
+
+
+def no_new_privs() -> None:
+    """No exec() from here on can gain privileges (setuid bits, file capabilities)."""
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def leave_network() -> None:
+    """Move this process into a new, empty network namespace (only a down
+    loopback): sockets it already holds keep working, new ones reach nothing."""
+    if _libc.unshare(CLONE_NEWNET) == -1:
+        raise _failed("unshare(CLONE_NEWNET)")
+
+
+def has_capability(bit: int = CAP_SYS_ADMIN) -> bool:
+    """Whether this process holds capability *bit* (CapEff in /proc/self/status)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> bit & 1)
+    except OSError:
+        pass  # no /proc: say no, and the start-up check explains
+    return False

@@ -1,0 +1,83 @@
+"""The syscall filter: compiled once by libseccomp in the parent, loaded by each child.
+
+libseccomp comes through pyseccomp (the ``sandbox`` extra: a ctypes port of
+libseccomp's own Python bindings, same API; docs/sandbox.md says why).  The
+parent builds the filter and exports it as classic BPF once
+(``seccomp_export_bpf``); a child loads those bytes with one
+``prctl(PR_SET_SECCOMP)``, so it neither calls into libseccomp nor compiles
+anything per connection (``seccomp_load`` in each child regenerates the
+program each time: see docs/sandbox.md for the measured difference).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+from .calls import prctl
+
+__all__ = ["Program", "missing", "unknown_names"]
+
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+BPF_INSTRUCTION = 8  # sizeof(struct sock_filter)
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
+def missing() -> str | None:
+    """Why seccomp cannot be used here (no pyseccomp, no libseccomp), or None."""
+    try:
+        import pyseccomp  # noqa: F401
+    except (ImportError, RuntimeError, OSError) as exc:
+        return (
+            f"needs libseccomp and the pyseccomp package (pip install 'forkserver[sandbox]'): {exc}"
+        )
+    return None
+
+
+def unknown_names(names: tuple[str, ...]) -> list[str]:
+    """The names in *names* that are no system call of this machine's architecture."""
+    import pyseccomp
+
+    return [n for n in names if pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, n) < 0]
+
+
+class Program:
+    """A filter compiled to BPF in the parent; ``load()`` in the child."""
+
+    def __init__(self, deny: tuple[str, ...], allow: tuple[str, ...], kill: bool) -> None:
+        import pyseccomp as sc
+
+        action = sc.KILL_PROCESS if kill else sc.ERRNO(errno.EPERM)
+        if allow:
+            rules = sc.SyscallFilter(action)
+            for name in allow:
+                rules.add_rule(sc.ALLOW, name)
+        else:
+            rules = sc.SyscallFilter(sc.ALLOW)
+            for name in deny:
+                rules.add_rule(action, name)
+        # The sandbox sets no_new_privs itself (or leaves it to CAP_SYS_ADMIN).
+        rules.set_attr(sc.Attr.CTL_NNP, 0)
+        memory = os.memfd_create("forkserver-seccomp", os.MFD_CLOEXEC)
+        try:
+            with os.fdopen(os.dup(memory), "wb") as out:
+                rules.export_bpf(out)
+            self.code = os.pread(memory, os.fstat(memory).st_size, 0)
+        finally:
+            os.close(memory)
+        # Built here so the child only passes a pointer to the kernel.
+        self._buffer = ctypes.create_string_buffer(self.code, len(self.code))
+        self._fprog = _SockFprog(len(self.code) // BPF_INSTRUCTION, ctypes.addressof(self._buffer))
+
+    @property
+    def instructions(self) -> int:
+        return len(self.code) // BPF_INSTRUCTION
+
+    def load(self) -> None:
+        """Install the filter on this process (needs no_new_privs or CAP_SYS_ADMIN)."""
+        prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(self._fprog))
