@@ -209,6 +209,25 @@ def test_an_allow_list_refuses_every_other_syscall(
 # -- network = "none" -----------------------------------------------------------------
 
 
+@pytest.mark.timeout(60)
+def test_spares_a_sandbox_stops_from_starting_are_replaced_after_a_backoff(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """A spare waits in epoll: a filter denying it kills every spare at
+    start.  They are replaced ever more slowly (0.1 s, doubled up to 10 s),
+    not forked and failed in a loop, and clients are served meanwhile: with
+    no spare idle, the parent forks on accept, and such a child needs no epoll."""
+    readable, _, _ = _files(tmp_path)
+    deny = {"syscalls_deny": ["epoll_create1", "epoll_create"]}
+    server = _start(start_server, deny, spare_children=2)
+    assert _ask(server, f"read {readable / 'data'}") == "ok 10 bytes"
+    server.wait_for_log(r"before it had a connection; the next in 0\.8s", 20)
+    failed = server.log.count("before it had a connection")
+    assert 3 <= failed <= 8, server.log  # 0.1, 0.2, 0.4, 0.8: a handful, not hundreds
+    assert _ask(server, f"read {readable / 'data'}") == "ok 10 bytes"
+    assert server.stop() == 0  # the spares' deaths are logged, not a reason to fail
+
+
 @needs_root
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("mode", MODES)

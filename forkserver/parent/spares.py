@@ -24,6 +24,7 @@ from ..child.spare import wait_and_serve
 from ..child.start import become
 from ..handoff import BUSY_RECORD, decode_busy, encode_peer, message_size, reclaim
 from ..listeners import BACKOFF_SECONDS
+from .children import describe_status
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ __all__ = ["Spares"]
 
 logger = log.get_logger(__name__)
 
+SPARE_BACKOFF_MAX = 10.0  # seconds: the longest wait to replace a failing spare
 TOP_UP_DELAY = 0.05  # seconds after a handoff: fork the rest of the spares
 # Read whole records only: records are written atomically, so a read whose
 # size is a multiple of the record size never splits one.
@@ -74,6 +76,10 @@ class Spares:
         self._handoff: Socket | None = None  # the parent's end
         self._handoff_child = self._busy_r = self._busy_w = -1
         self._refill: Timer | None = None  # a spare's fork failed: retry then
+        # Spares dying before any connection (a setup that cannot succeed: a
+        # sandbox forbidding what a spare needs): replaced after this long,
+        # doubled at each such death up to SPARE_BACKOFF_MAX, 0 once one serves.
+        self._failing = 0.0
         self._top_up: Timer | None = None  # fork the spares not replaced at handoff
         self._services: list[Service] = []
         # Listeners the spares accept from themselves, each with its service's
@@ -264,6 +270,7 @@ class Spares:
         except BlockingIOError:
             return
         now = time.monotonic()
+        self._failing = 0.0  # spares get connections: their setup works
         for pid, direct, family, peer in decode_busy(data):
             if direct:  # it accepted the connection itself
                 self.accepted += 1
@@ -289,11 +296,26 @@ class Spares:
             # spare, or at max_children stop accepting for good.
             if child.status != 0 and self._in_transit:
                 self._in_transit -= 1
+            if child.status != 0 and self._handoff is not None:
+                self._spare_failed(child)
         self._in_transit = min(self._in_transit, len(self._idle))
 
-    def refill_now(self) -> None:
-        """A child exited: fork what a failed fork left missing, now."""
+    def _spare_failed(self, child: Child) -> None:
+        """An idle spare died (not retired): replace it later, not now, or a
+        spare whose setup always fails would be forked and fail in a loop."""
+        self._failing = min(SPARE_BACKOFF_MAX, max(BACKOFF_SECONDS, self._failing * 2))
         if self._refill is not None:
+            self._loop.cancel(self._refill)
+        self._refill = self._loop.call_later(self._failing, self._refilled)
+        logger.warning(
+            "a spare (pid %d) %s before it had a connection; the next in %.1fs",
+            child.pid, describe_status(child.status), self._failing,
+        )  # fmt: skip
+
+    def refill_now(self) -> None:
+        """A child exited: fork what a failed fork left missing, now (not
+        what failing spares left missing: those wait for their backoff)."""
+        if self._refill is not None and not self._failing:
             self._loop.cancel(self._refill)
             self._refill = None
         self.fill()
