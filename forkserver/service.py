@@ -145,7 +145,7 @@ def tls_context(spec: Any, source: str = "") -> ssl.SSLContext:
 
 
 def _plain(spec: Any) -> bool:
-    return not (spec.handler or spec.tls_cert or spec.proxy_protocol or spec.udp)
+    return not (spec.handler or spec.tls_cert or spec.proxy_protocol or spec.datagram)
 
 
 def build_services(
