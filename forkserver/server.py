@@ -21,6 +21,7 @@ from .handlers import import_handler, is_handler_class
 from .listeners import Listener, open_listeners
 from .parent.hooks import PARENT_HOOKS, Requests, collect, overridden
 from .parent.parent import Parent
+from .requests import RequestHooks
 
 # typing stays out of the serving parent: only the type checker reads these.
 TYPE_CHECKING = False
@@ -47,7 +48,7 @@ def _settings_for_address(server_address: Any) -> dict[str, Any]:
     return {"host": (host,), "port": port}
 
 
-class Server:
+class Server(RequestHooks):
     """A forking server with socketserver's API and hooks.
 
     ``Server(("127.0.0.1", 0), Handler)`` binds at once (``bind_and_activate``)
@@ -259,76 +260,6 @@ class Server:
             format_address(sock.family, client_address),
             type(exc).__name__,
         )
-
-    # -- the request hooks (socketserver's BaseServer); any override is honoured --
-
-    def get_request(self) -> tuple[Any, Any]:
-        """In the parent: accept a connection (``(sock, address)``), or read a
-        datagram (``((data, sock), address)``), from the listener that is ready."""
-        listener = self._requests.ready or self.listeners[0]
-        if listener.datagram:
-            data, address = listener.sock.recvfrom(self.max_packet_size)
-            return (data, listener.sock), address
-        return listener.sock.accept()
-
-    def verify_request(self, request: Any, client_address: Any) -> bool:
-        """In the parent, before any fork: False shuts the request down unserved."""
-        return True
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        """In the parent: fork a child that runs finish_request() and
-        shutdown_request(), then close_request() here."""
-        self._requests.fork(request, client_address)
-
-    def close_request(self, request: Any) -> None:
-        """Close the parent's copy of a connection (nothing for a datagram)."""
-        if not isinstance(request, tuple):
-            request.close()
-
-    def shutdown_request(self, request: Any) -> None:
-        """Shut a connection down (SHUT_WR: the client sees EOF) and close it."""
-        if not isinstance(request, tuple):
-            try:
-                request.shutdown(_socket.SHUT_WR)
-            except OSError:
-                pass  # already reset or shut down by the peer
-        self.close_request(request)
-
-    def handle_request(self) -> None:
-        """Serve one request, waiting at most ``timeout`` seconds (then
-        handle_timeout()); the socket's own timeout counts too, as in socketserver."""
-        self._ready_to_serve()
-        timeout = self.socket.gettimeout() or None  # 0.0: the listener is non-blocking
-        if timeout is None:
-            timeout = self.timeout
-        elif self.timeout is not None:
-            timeout = min(timeout, self.timeout)
-        acceptor = self._parent.acceptor
-        if not acceptor.listeners:  # a child closes them (fork.py asks the acceptor)
-            acceptor.listeners = self.listeners
-            acceptor.changed()
-        self._requests.handle_request(timeout)
-
-    def handle_timeout(self) -> None:
-        """handle_request() waited ``timeout``: reap the children that exited."""
-        self.collect_children()
-
-    def service_actions(self) -> None:
-        """Called by serve_forever() every *poll_interval* when overridden
-        (forkserver reaps through pidfds, with no polling of its own)."""
-        self.collect_children()
-
-    def collect_children(self, *, blocking: bool = False) -> None:
-        """Reap the children that exited (waiting for all if *blocking*).
-        Only outside serve_forever(): its loop reaps each child as it exits."""
-        if not self._serving:
-            collect(self._parent, blocking)
-
-    @property
-    def active_children(self) -> set[int] | None:
-        """The pids of the children still running, or None (as ForkingMixIn)."""
-        pids = {child.pid for child in self._parent.children}
-        return pids or None
 
     def serve_forever(self, poll_interval: float | None = 0.5) -> None:
         """Serve until SIGTERM/SIGINT/SIGQUIT or shutdown(); returns after the drain.
