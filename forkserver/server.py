@@ -27,7 +27,7 @@ from .requests import RequestHooks
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from socket import socket as Socket
-    from typing import Any
+    from typing import Any, Self
 
     from .config import Settings
     from .handlers import HandlerType
@@ -229,7 +229,7 @@ class Server(RequestHooks):
         """What handle_request() waits on (socketserver's selector does the same)."""
         return self.socket.fileno()
 
-    def __enter__(self) -> Server:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

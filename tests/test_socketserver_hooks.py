@@ -296,7 +296,7 @@ def test_service_actions_is_called_while_serving_only_when_overridden(tmp_path: 
 def test_server_bind_and_activate_overrides_run_at_construction(base: type[Any]) -> None:
     calls: list[str] = []
 
-    class Bound(base):  # type: ignore[misc,valid-type]
+    class Bound(base):  # type: ignore[misc]
         def server_bind(self) -> None:
             calls.append("server_bind")
             super().server_bind()
@@ -340,7 +340,7 @@ def test_forking_mixin_attributes_and_request_queue_size() -> None:
 def test_forking_mixin_refuses_a_stdlib_base() -> None:
     with pytest.raises(TypeError, match="forkserver's servers"):
 
-        class Mixed(forkserver.ForkingMixIn, socketserver.TCPServer):  # type: ignore[misc]
+        class Mixed(forkserver.ForkingMixIn, socketserver.TCPServer):
             pass
 
 
