@@ -87,9 +87,7 @@ _PROGRAM = """
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("mode", ["default-path", "hook-path", "handle-request"])
-def test_a_socketserver_program_keeps_its_own_childrens_statuses(
-    tmp_path: Path, mode: str
-) -> None:
+def test_a_socketserver_program_keeps_its_own_childrens_statuses(tmp_path: Path, mode: str) -> None:
     script = tmp_path / "program.py"
     script.write_text(textwrap.dedent(_PROGRAM))
     proc = subprocess.Popen(
