@@ -198,7 +198,8 @@ class Requests:
         # socketserver waits on fileno(): an override decides what is waited on.
         fds = [server.fileno()] if len(listeners) == 1 else [lis.fileno() for lis in listeners]
         while len(parent.children) >= parent.settings.max_children:
-            collect(parent, blocking=True, at_most=1)
+            if not collect(parent, blocking=True, at_most=1):
+                break  # no pidfd to wait on (out of descriptors): serve over the limit
         deadline = None if timeout is None else time.monotonic() + timeout
         poller = select.poll()
         for fd in fds:
@@ -234,16 +235,17 @@ def finish_in_child(server: Any, request: Any, client_address: Any, limits: Any)
     return status
 
 
-def collect(parent: Parent, blocking: bool, at_most: int = 0) -> None:
+def collect(parent: Parent, blocking: bool, at_most: int = 0) -> int:
     """Reap the children that have exited (socketserver's collect_children),
     outside the loop: through their pidfds, so never a process we did not
-    start.  *blocking* waits until every child has exited (or *at_most* of them)."""
+    start.  *blocking* waits until every child has exited (or *at_most* of
+    them).  Returns how many were reaped."""
     children = parent.children
     # Outside the loop no listener is watched: what the loop does after a
     # reap (listen again, serve what waits) is for serve_forever() to start.
     on_exit, children.on_exit = children.on_exit, _nothing
     try:
-        _collect(children, blocking, at_most)
+        return _collect(children, blocking, at_most)
     finally:
         children.on_exit = on_exit
 
@@ -252,21 +254,21 @@ def _nothing(child: Child) -> None:
     pass
 
 
-def _collect(children: ChildTable, blocking: bool, at_most: int) -> None:
+def _collect(children: ChildTable, blocking: bool, at_most: int) -> int:
     reaped = 0
     while len(children):
+        pidfds = [child.pidfd for child in children if child.pidfd >= 0]
+        if not pidfds:
+            break  # out of descriptors at fork: the loop polls those (children.py)
         poller = select.poll()
-        for child in children:
-            if child.pidfd >= 0:
-                poller.register(child.pidfd, select.POLLIN)
-        if not any(child.pidfd >= 0 for child in children):
-            return  # out of descriptors at fork: the loop polls those (children.py)
-        ready = poller.poll(None if blocking else 0)
-        for pidfd, _ in ready:
+        for pidfd in pidfds:
+            poller.register(pidfd, select.POLLIN)
+        for pidfd, _ in poller.poll(None if blocking else 0):
             children._reap(pidfd)  # the loop's own callback for that pidfd
             reaped += 1
         if not blocking or (at_most and reaped >= at_most):
-            return
+            break
+    return reaped
 
 
 def _family(request: Any) -> int:
