@@ -388,3 +388,113 @@ def test_a_bind_failure_is_an_os_error_with_its_errno() -> None:
         with pytest.raises(OSError) as raw:  # socketserver's own bind(): the kernel's error
             forkserver.ForkingTCPServer((HOST, port), Echo)
         assert raw.value.errno == errno.EADDRINUSE
+
+
+# -- datagrams through the hooks --------------------------------------------------------
+
+
+class DatagramEcho(socketserver.DatagramRequestHandler):
+    def handle(self) -> None:
+        self.wfile.write(self.rfile.read())
+
+
+@pytest.mark.parametrize("family", ["udp", "unix"])
+def test_verify_request_decides_for_each_datagram(tmp_path: Path, family: str) -> None:
+    def verify(self: Any, request: Any, client_address: Any) -> bool:
+        data, sock = request
+        assert sock is self.socket  # the request is (data, the server's socket)
+        return bool(data != b"no")
+
+    base: type[Any] = (
+        forkserver.ForkingUDPServer if family == "udp" else forkserver.ForkingUnixDatagramServer
+    )
+    cls = type("Checked", (base,), {"verify_request": verify})
+    address: Any = (HOST, 0) if family == "udp" else str(tmp_path / "server.sock")
+    server = cls(address, DatagramEcho)
+    kind = socket.AF_INET if family == "udp" else socket.AF_UNIX
+    with Serving(server), socket.socket(kind, socket.SOCK_DGRAM) as client:
+        if family == "unix":
+            client.bind(str(tmp_path / "client.sock"))
+        client.settimeout(10)
+        client.sendto(b"no", server.server_address)
+        client.sendto(b"yes", server.server_address)
+        assert client.recv(100) == b"yes"  # and nothing for b"no": the next is b"again"
+        client.sendto(b"again", server.server_address)
+        assert client.recv(100) == b"again"
+        assert server._parent.acceptor.request_path is not None
+
+
+def test_allow_reuse_address_false_on_server_is_honoured() -> None:
+    class NoReuse(forkserver.Server):
+        allow_reuse_address = False
+
+    for cls, expected in [(forkserver.Server, True), (NoReuse, False)]:
+        with cls((HOST, 0), Echo) as server:
+            got = server.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
+            assert bool(got) == expected
+
+
+# -- the stop's drain goes through the hooks too --------------------------------------
+
+_GATED = """
+import socketserver
+import forkserver
+
+class Gate(forkserver.ForkingTCPServer):
+    max_children = 1
+    allowed = 1
+
+    def verify_request(self, request, client_address):
+        self.allowed -= 1
+        return self.allowed >= 0  # the first connection only
+
+class Hello(socketserver.StreamRequestHandler):
+    def handle(self):
+        self.wfile.write(b"hi\\n")
+        self.wfile.write(self.rfile.readline())
+
+server = Gate(("127.0.0.1", 0), Hello)
+print("ready", server.server_address[1], flush=True)
+server.serve_forever()
+server.server_close()
+print("stopped", flush=True)
+"""
+
+
+def test_connections_drained_at_a_graceful_stop_still_pass_verify_request(
+    tmp_path: Path,
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    script = tmp_path / "gated.py"
+    script.write_text(_GATED)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline().split()[1])
+        first = socket.create_connection((HOST, port), timeout=10)
+        assert first.recv(3) == b"hi\n"  # served: the one child there may be
+        second = socket.create_connection((HOST, port), timeout=10)  # waits in the backlog
+        proc.send_signal(signal.SIGTERM)  # the drain takes it: verify_request says no
+        assert second.recv(100) == b""
+        first.sendall(b"bye\n")
+        assert first.recv(100) == b"bye\n"
+        first.close()
+        second.close()
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    assert proc.returncode == 0, err
+    assert out == "stopped\n"
