@@ -498,3 +498,21 @@ def test_connections_drained_at_a_graceful_stop_still_pass_verify_request(
             proc.wait(5)
     assert proc.returncode == 0, err
     assert out == "stopped\n"
+
+
+def test_handle_error_gets_a_datagrams_request_as_the_handler_did(tmp_path: Path) -> None:
+    class Failing(socketserver.DatagramRequestHandler):
+        def handle(self) -> None:
+            raise ValueError("no")
+
+    class Noting(forkserver.ForkingUDPServer):
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            data, sock = request
+            sock.sendto(b"error for " + data, client_address)
+
+    server = Noting((HOST, 0), Failing)
+    with Serving(server), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(10)
+        client.sendto(b"ping", server.server_address)
+        assert client.recv(100) == b""  # finish() sends what was written, in a finally
+        assert client.recv(100) == b"error for ping"
