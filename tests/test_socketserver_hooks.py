@@ -516,3 +516,28 @@ def test_handle_error_gets_a_datagrams_request_as_the_handler_did(tmp_path: Path
         client.sendto(b"ping", server.server_address)
         assert client.recv(100) == b""  # finish() sends what was written, in a finally
         assert client.recv(100) == b"error for ping"
+
+
+def test_the_hook_path_writes_the_access_line(tmp_path: Path) -> None:
+    import logging
+
+    class Checked(forkserver.Server):
+        def verify_request(self, request: Any, client_address: Any) -> bool:
+            return True
+
+    # Embedded, forkserver logs through stdlib logging; the child writes the line.
+    access = logging.getLogger("forkserver.access")
+    handler = logging.FileHandler(tmp_path / "access.log")
+    handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    try:
+        server = Checked((HOST, 0), Echo, access_log=True)
+        with Serving(server):
+            assert ask(server, b"0123456789\n") == b"0123456789\n"
+    finally:
+        access.removeHandler(handler)
+        handler.close()
+    [line] = (tmp_path / "access.log").read_text().splitlines()
+    assert line.startswith(f"forkserver.access {HOST}:"), line
+    assert line.endswith(" in 11 out 11 exit status 0"), line

@@ -221,6 +221,7 @@ def finish_in_child(server: Any, request: Any, client_address: Any, limits: Any)
     """The child's half (socketserver's ForkingMixIn): finish_request, then
     shutdown_request; handle_error gets an Exception only.  Returns the exit status."""
     status = 1
+    started = time.monotonic() if limits is not None and limits.access_log else 0.0
     try:
         if limits is not None and not isinstance(request, tuple):
             limits.apply_to_connection(request)
@@ -231,8 +232,23 @@ def finish_in_child(server: Any, request: Any, client_address: Any, limits: Any)
     except Exception:
         server.handle_error(request, client_address)
     finally:
+        counts = _counts(request) if started else None
         server.shutdown_request(request)
+    if started:
+        from ..child.stream import access_line
+
+        family = _family(request)
+        access_line(family, client_address, time.monotonic() - started, counts, status)
     return status
+
+
+def _counts(request: Any) -> tuple[int, int | None] | None:
+    """Bytes in and out, for the access line: a datagram's size, or TCP_INFO's."""
+    if isinstance(request, tuple):
+        return len(request[0]), None
+    from ..child.tcp_info import byte_counts
+
+    return byte_counts(request)
 
 
 def collect(parent: Parent, blocking: bool, at_most: int = 0) -> int:
