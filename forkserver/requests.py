@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import socket as _socket
 
-from .parent.hooks import collect
-
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -23,7 +21,22 @@ if TYPE_CHECKING:
     from .parent.hooks import Requests
     from .parent.parent import Parent
 
-__all__ = ["RequestHooks"]
+__all__ = ["PARENT_HOOKS", "RequestHooks", "overridden"]
+
+# The hooks that put a server on this path when a subclass overrides one.
+PARENT_HOOKS = (
+    "get_request",
+    "verify_request",
+    "process_request",
+    "close_request",
+    "shutdown_request",
+)
+
+
+def overridden(server: object, base: type, names: tuple[str, ...]) -> list[str]:
+    """Which of *names* ``type(server)`` defines differently from *base*."""
+    cls = type(server)
+    return [name for name in names if getattr(cls, name, None) is not getattr(base, name, None)]
 
 
 class RequestHooks:
@@ -31,7 +44,7 @@ class RequestHooks:
 
     # What the hooks use of the Server they are part of (server.py).
     _parent: Parent
-    _requests: Requests
+    _hooks: Requests | None
     _serving: bool
     listeners: list[Listener]
     timeout: float | None
@@ -43,6 +56,16 @@ class RequestHooks:
 
     def _ready_to_serve(self) -> None:
         raise NotImplementedError  # server.py
+
+    @property
+    def _requests(self) -> Requests:
+        """The hook path (parent/hooks.py), imported only by a server that uses it:
+        the default path's parent holds no page of it."""
+        if self._hooks is None:
+            from .parent.hooks import Requests
+
+            self._hooks = Requests(self, self._parent)
+        return self._hooks
 
     def get_request(self) -> tuple[Any, Any]:
         """In the parent: accept a connection (``(sock, address)``), or read a
@@ -103,7 +126,9 @@ class RequestHooks:
     def collect_children(self, *, blocking: bool = False) -> None:
         """Reap the children that exited (waiting for all if *blocking*).
         Only outside serve_forever(): its loop reaps each child as it exits."""
-        if not self._serving:
+        if not self._serving and self._parent.children:
+            from .parent.hooks import collect
+
             collect(self._parent, blocking)
 
     @property

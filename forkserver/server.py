@@ -19,9 +19,8 @@ from . import log
 from .addresses import format_address
 from .handlers import import_handler, is_handler_class
 from .listeners import Listener, open_listeners
-from .parent.hooks import PARENT_HOOKS, Requests, collect, overridden
 from .parent.parent import Parent
-from .requests import RequestHooks
+from .requests import PARENT_HOOKS, RequestHooks, overridden
 
 # typing stays out of the serving parent: only the type checker reads these.
 TYPE_CHECKING = False
@@ -129,7 +128,7 @@ class Server(RequestHooks):
         # The serving parent; finish_request and handle_error are bound here,
         # so a subclass's overrides are what the children call.
         self._parent = Parent(settings, self.finish_request, self._child_error)
-        self._requests = Requests(self, self._parent)  # the hook path, if a hook is overridden
+        self._hooks = None  # the hook path (requests.py), made when first used
 
     @property
     def exiting_after_serve(self) -> bool:
@@ -309,7 +308,7 @@ class Server(RequestHooks):
         self._parent.forker.changed()
         if not self._serving:
             if self.block_on_close:
-                collect(self._parent, blocking=True)
+                self.collect_children(blocking=True)
             self._parent.close()
 
     # -- what the metrics snapshot reads (metrics/snapshot.py) -----------------

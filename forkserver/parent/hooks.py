@@ -12,8 +12,8 @@ socketserver's own cycle, each hook in the process socketserver calls it in::
             shutdown_request(), os._exit(status)
 
 Whether a listener takes this path is decided once, at start
-(:func:`overridden`): a server that overrides none of them never reaches
-this module, and its connections take accept.py's default path.
+(``requests.overridden``): a server that overrides none of them never
+imports this module, and its connections take accept.py's default path.
 """
 
 from __future__ import annotations
@@ -32,22 +32,7 @@ if TYPE_CHECKING:
     from .children import Child, ChildTable
     from .parent import Parent
 
-__all__ = ["PARENT_HOOKS", "Requests", "collect", "overridden"]
-
-# The hooks that put a server on this path when a subclass overrides one.
-PARENT_HOOKS = (
-    "get_request",
-    "verify_request",
-    "process_request",
-    "close_request",
-    "shutdown_request",
-)
-
-
-def overridden(server: object, base: type, names: tuple[str, ...]) -> list[str]:
-    """Which of *names* ``type(server)`` defines differently from *base*."""
-    cls = type(server)
-    return [name for name in names if getattr(cls, name, None) is not getattr(base, name, None)]
+__all__ = ["Requests", "collect"]
 
 
 class Requests:
