@@ -115,7 +115,7 @@ class Requests:
     def _dispatch(self, request: Any, client_address: Any) -> None:
         parent = self._parent
         acceptor, full = parent.acceptor, len(parent.children) >= parent.settings.max_children
-        if not full or isinstance(request, tuple) or acceptor.stopping is False:
+        if not full or isinstance(request, tuple) or parent.settings.when_full == "refuse":
             if not self._refused(request, client_address):
                 self._verify_and_process(request, client_address)
             return
