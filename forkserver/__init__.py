@@ -44,6 +44,11 @@ __all__ = [
     "BindError",
     "ConfigError",
     "DatagramHandler",
+    "ForkingMixIn",
+    "ForkingTCPServer",
+    "ForkingUDPServer",
+    "ForkingUnixDatagramServer",
+    "ForkingUnixStreamServer",
     "Listen",
     "Server",
     "Settings",
@@ -53,6 +58,13 @@ __all__ = [
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # what the lazy attributes below resolve to, for the type checker
+    from .compat import (
+        ForkingMixIn,
+        ForkingTCPServer,
+        ForkingUDPServer,
+        ForkingUnixDatagramServer,
+        ForkingUnixStreamServer,
+    )
     from .config import Listen, Settings
     from .errors import BindError, ConfigError
     from .handlers import BaseHandler, DatagramHandler, StreamHandler
@@ -65,6 +77,12 @@ _LAZY = {
     "BaseHandler": "handlers",
     "StreamHandler": "handlers",
     "DatagramHandler": "handlers",
+    # socketserver's names (compat.py): "from forkserver import ForkingTCPServer".
+    "ForkingMixIn": "compat",
+    "ForkingTCPServer": "compat",
+    "ForkingUDPServer": "compat",
+    "ForkingUnixStreamServer": "compat",
+    "ForkingUnixDatagramServer": "compat",
     "Listen": "config",
     "BindError": "errors",
     "ConfigError": "errors",

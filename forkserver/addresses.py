@@ -90,8 +90,10 @@ def parse_bind(text: str) -> tuple[str, str, bool]:
 
 def listen_key(spec: Any) -> tuple[str, ...]:
     """What identifies a configured listener (config.Listen) across a reload:
-    ("tcp", host, port), ("udp", host, port) or ("unix", path)."""
+    ("tcp", host, port), ("udp", host, port), ("unix", path) or ("unixgram", path)."""
     if spec.unix:
         return ("unix", spec.unix)
+    if spec.unix_datagram:
+        return ("unixgram", spec.unix_datagram)
     host, port = parse_address(spec.tcp or spec.udp)
     return ("tcp" if spec.tcp else "udp", host, str(port))

@@ -51,6 +51,10 @@ def somaxconn() -> int | None:
         return None
 
 
+# A listener's key names its kind first: these bind by host and port, those by path.
+INET_KINDS = ("tcp", "udp")
+UNIX_KINDS = ("unix", "unixgram")
+
 # accept() errors that concern one connection only: skip it, keep accepting.
 SKIPPED_ACCEPT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 # Out of descriptors or kernel memory (EMFILE and the like): pause accepting
@@ -87,7 +91,11 @@ class Listener:
     @property
     def name(self) -> str:
         shown = format_address(self.family, self.address)
-        return "udp:" + shown if self.datagram else shown
+        if not self.datagram:
+            return shown
+        if self.family == socket.AF_UNIX:
+            return "unixgram:" + shown.removeprefix("unix:")
+        return "udp:" + shown
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -179,6 +187,7 @@ def _bind_inet(
     dual_stack: bool,
     reuse_port: bool = False,
     kind: int = socket.SOCK_STREAM,
+    reuse_address: bool = True,
 ) -> Listener:
     """A TCP listener, or with kind=SOCK_DGRAM a bound UDP socket."""
     udp = kind == socket.SOCK_DGRAM
@@ -186,11 +195,12 @@ def _bind_inet(
     try:
         infos = socket.getaddrinfo(host or "0.0.0.0", port, type=kind, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise BindError(f"cannot resolve {shown}: {exc.strerror}") from None
+        raise BindError(f"cannot resolve {shown}: {exc.strerror}", exc.errno) from None
     family, kind, proto, _, sockaddr = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_address:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
@@ -202,22 +212,26 @@ def _bind_inet(
     except OSError as exc:
         sock.close()
         raise BindError(
-            f"cannot {'bind' if udp else 'listen on'} {shown}: {exc.strerror}"
+            f"cannot {'bind' if udp else 'listen on'} {shown}: {exc.strerror}", exc.errno
         ) from None
     return Listener(sock, key=("udp" if udp else "tcp", host, str(port)))
 
 
-def _remove_stale_unix(path: str) -> None:
-    """Unlink *path* if it is a socket no server answers on; refuse otherwise."""
+def _remove_stale_unix(path: str, kind: int = socket.SOCK_STREAM) -> None:
+    """Unlink *path* if it is a socket no server answers on; refuse otherwise.
+    *kind* is the socket type to probe with: connect() to a live datagram
+    socket succeeds too, and to a dead one is refused."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise BindError(f"cannot listen on unix:{path}: {exc.strerror}") from None
+        raise BindError(f"cannot listen on unix:{path}: {exc.strerror}", exc.errno) from None
     if not stat.S_ISSOCK(st.st_mode):
-        raise BindError(f"cannot listen on unix:{path}: file exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raise BindError(
+            f"cannot listen on unix:{path}: file exists and is not a socket", errno.EADDRINUSE
+        )
+    probe = socket.socket(socket.AF_UNIX, kind)
     probe.settimeout(1.0)
     try:
         probe.connect(path)
@@ -230,26 +244,31 @@ def _remove_stale_unix(path: str) -> None:
         return
     except OSError as exc:
         if exc.errno == errno.EAGAIN:  # its backlog is full: someone is alive there
-            raise BindError(f"cannot listen on unix:{path}: a live server is using it") from None
-        raise BindError(f"cannot listen on unix:{path}: {exc.strerror}") from None
+            raise BindError(
+                f"cannot listen on unix:{path}: a live server is using it", errno.EADDRINUSE
+            ) from None
+        raise BindError(f"cannot listen on unix:{path}: {exc.strerror}", exc.errno) from None
     finally:
         probe.close()
-    raise BindError(f"cannot listen on unix:{path}: a live server is using it")
+    raise BindError(f"cannot listen on unix:{path}: a live server is using it", errno.EADDRINUSE)
 
 
-def _bind_unix(path: str, backlog: int, mode: int) -> Listener:
-    _remove_stale_unix(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _bind_unix(path: str, backlog: int, mode: int, kind: int = socket.SOCK_STREAM) -> Listener:
+    """A Unix-domain listener, or with kind=SOCK_DGRAM a bound datagram socket."""
+    _remove_stale_unix(path, kind)
+    sock = socket.socket(socket.AF_UNIX, kind)
     try:
         sock.bind(path)
         st = os.stat(path)
         os.chmod(path, mode)
-        sock.listen(backlog)
+        if kind == socket.SOCK_STREAM:
+            sock.listen(backlog)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise BindError(f"cannot listen on unix:{path}: {exc.strerror or exc}") from None
-    return Listener(sock, unix_inode=(st.st_dev, st.st_ino), key=("unix", path))
+        raise BindError(f"cannot listen on unix:{path}: {exc.strerror or exc}", exc.errno) from None
+    key = ("unix" if kind == socket.SOCK_STREAM else "unixgram", path)
+    return Listener(sock, unix_inode=(st.st_dev, st.st_ino), key=key)
 
 
 def adopt_activated(fds: list[tuple[int, str]]) -> list[Listener]:
@@ -259,7 +278,7 @@ def adopt_activated(fds: list[tuple[int, str]]) -> list[Listener]:
         try:
             sock = socket.socket(fileno=fd)
         except OSError as exc:
-            raise BindError(f"fd {fd} ({name}) from systemd: {exc.strerror}") from None
+            raise BindError(f"fd {fd} ({name}) from systemd: {exc.strerror}", exc.errno) from None
         if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
             socket.SOL_SOCKET, socket.SO_ACCEPTCONN
         ):
@@ -293,6 +312,7 @@ def open_listeners(
     unix_mode: int,
     reuse: Sequence[Listener] = (),
     reuse_port: bool = False,
+    reuse_address: bool = True,
 ) -> list[Listener]:
     """Bind every configured listener (config.Listen), or close what was bound
     and raise BindError.
@@ -317,7 +337,7 @@ def open_listeners(
     # "::" accepts IPv4 too unless the IPv4 wildcard on the same port is also
     # configured, in which case both would claim 0.0.0.0:PORT and the second
     # bind would fail.
-    v4_wildcards = {(k[0], k[2]) for k in keys if k[0] != "unix" and k[1] in ("", "0.0.0.0")}
+    v4_wildcards = {(k[0], k[2]) for k in keys if k[0] in INET_KINDS and k[1] in ("", "0.0.0.0")}
     listeners: list[Listener] = []
     try:
         for key in keys:
@@ -326,13 +346,16 @@ def open_listeners(
                 if old.sock.type == socket.SOCK_STREAM:
                     old.sock.listen(backlog)  # the backlog may have changed
                 listeners.append(old)
-            elif key[0] == "unix":
-                listeners.append(_bind_unix(key[1], backlog, unix_mode))
+            elif key[0] in UNIX_KINDS:
+                kind = socket.SOCK_DGRAM if key[0] == "unixgram" else socket.SOCK_STREAM
+                listeners.append(_bind_unix(key[1], backlog, unix_mode, kind))
             else:
                 dual_stack = (key[0], key[2]) not in v4_wildcards
                 kind = socket.SOCK_DGRAM if key[0] == "udp" else socket.SOCK_STREAM
                 listeners.append(
-                    _bind_inet(key[1], int(key[2]), backlog, dual_stack, reuse_port, kind)
+                    _bind_inet(
+                        key[1], int(key[2]), backlog, dual_stack, reuse_port, kind, reuse_address
+                    )
                 )
     except BindError:
         for listener in listeners:

@@ -2,25 +2,31 @@
 
 ``Server`` binds its listeners; ``serve_forever()`` hands them to its
 :class:`~forkserver.parent.parent.Parent`, which runs the loop (``parent/``)
-and forks the children (``child/``).
+and forks the children (``child/``).  Every hook of socketserver's
+``BaseServer`` runs in the process socketserver runs it in; a subclass that
+overrides a request hook (``verify_request``...) has its listeners served
+through ``parent/hooks.py``, decided once at start.
 """
 
 from __future__ import annotations
 
 import _thread
 import os
+import socket as _socket
+import sys
 
 from . import log
 from .addresses import format_address
 from .handlers import import_handler, is_handler_class
 from .listeners import Listener, open_listeners
 from .parent.parent import Parent
+from .requests import PARENT_HOOKS, RequestHooks, overridden
 
 # typing stays out of the serving parent: only the type checker reads these.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from socket import socket as Socket
-    from typing import Any
+    from typing import Any, Self
 
     from .config import Settings
     from .handlers import HandlerType
@@ -41,15 +47,27 @@ def _settings_for_address(server_address: Any) -> dict[str, Any]:
     return {"host": (host,), "port": port}
 
 
-class Server:
-    """A forking server; a drop-in for ``socketserver.ForkingTCPServer``.
+class Server(RequestHooks):
+    """A forking server with socketserver's API and hooks.
 
     ``Server(("127.0.0.1", 0), Handler)`` binds at once (``bind_and_activate``)
     and serves on ``serve_forever()``.  *server_address* is ``(host, port)`` or a
     Unix socket path; *options* are :class:`forkserver.config.Settings` fields
     (``max_children=64``, ``graceful_timeout=5``...).  *handler* is a
     socketserver-style handler class or a function ``handler(conn, addr)``.
+    For socketserver's exact classes see :mod:`forkserver.compat`.
     """
+
+    # socketserver's class attributes (read-only: override them in a subclass).
+    address_family = _socket.AF_INET  # informational: each address picks its own family
+    socket_type = _socket.SOCK_STREAM
+    allow_reuse_address = True  # SO_REUSEADDR on TCP listeners (socketserver: False)
+    allow_reuse_port = False  # or the reuse_port setting
+    timeout: float | None = None  # handle_request()'s wait; None: for ever
+    max_packet_size = 8192  # a datagram get_request() reads
+    # server_close() waits for the children (True, as ForkingMixIn), or
+    # stops them: SIGTERM, kill_timeout, SIGKILL (forkserver's default).
+    block_on_close = False
 
     def __init__(
         self,
@@ -63,7 +81,12 @@ class Server:
         settings = Settings(**{**_settings_for_address(server_address), **options})
         self._setup(settings, handler)
         if bind_and_activate:
-            self.server_activate()
+            try:
+                self.server_bind()
+                self.server_activate()
+            except BaseException:
+                self.server_close()
+                raise
 
     @classmethod
     def from_settings(
@@ -97,12 +120,15 @@ class Server:
         self.metrics_listener: Listener | None = None
         self._services: list[Service] = []
         self._serving = False
+        self._socket: Socket | None = None  # set by a class that makes its own (compat.py)
+        self._address: Any = None
         # Held while serve_forever() runs; shutdown() waits on it.  A _thread
         # lock, not threading.Event: see log.py for why threading stays out.
         self._is_shut_down = _thread.allocate_lock()
         # The serving parent; finish_request and handle_error are bound here,
         # so a subclass's overrides are what the children call.
-        self._parent = Parent(settings, self.finish_request, self.handle_error)
+        self._parent = Parent(settings, self.finish_request, self._child_error)
+        self._hooks = None  # the hook path (requests.py), made when first used
 
     @property
     def exiting_after_serve(self) -> bool:
@@ -125,19 +151,42 @@ class Server:
 
     # -- socketserver-compatible surface ---------------------------------
 
+    def server_bind(self) -> None:
+        """Bind and listen on every configured address (raises BindError, an OSError)."""
+        if self._bound():
+            return
+        s = self.settings
+        self.listeners = open_listeners(
+            s.listeners(),
+            s.backlog,
+            s.unix_mode,
+            reuse_port=s.reuse_port or self.allow_reuse_port,
+            reuse_address=self.allow_reuse_address,
+        )
+        try:
+            self._build_services()
+        except BaseException:
+            for listener in self.listeners:
+                listener.close_and_unlink()
+            raise
+
+    def _bound(self) -> bool:
+        return bool(self.listeners) and not self.listeners[0].closed
+
     def server_activate(self) -> None:
-        """Bind and listen on every configured address (raises BindError)."""
-        if not self.listeners or self.listeners[0].closed:
-            s = self.settings
-            self.listeners = open_listeners(
-                s.listeners(), s.backlog, s.unix_mode, reuse_port=s.reuse_port
-            )
-            try:
-                self._build_services()
-            except BaseException:
-                for listener in self.listeners:
-                    listener.close_and_unlink()
-                raise
+        """Listen (server_bind() first if it was not called); open the metrics endpoint."""
+        if not self._bound():
+            self.server_bind()
+        self._open_metrics()
+
+    def _ready_to_serve(self) -> None:
+        """Before serving: bound and activated, whether or not the constructor did it."""
+        if not self._bound():
+            self.server_bind()
+            self.server_activate()
+        self._open_metrics()
+
+    def _open_metrics(self) -> None:
         if self.settings.metrics and (
             self.metrics_listener is None or self.metrics_listener.closed
         ):
@@ -152,22 +201,34 @@ class Server:
         from .service import build_services
 
         specs = self.settings.listeners()
-        build_services(specs, self.listeners, self._default_handler, self, source)
+        # Listeners with a Service of their own (UDP, TLS, PROXY) call the
+        # default handler through finish_request too, so an override counts.
+        default = None if self._default_handler is None else self.finish_request
+        build_services(specs, self.listeners, default, self, source)
         self._services = [lis.service for lis in self.listeners if lis.service is not None]
 
     @property
     def server_address(self) -> Any:
         """The first listener's real bound address (port 0 resolved)."""
-        return self.listeners[0].address if self.listeners else None
+        return self.listeners[0].address if self.listeners else self._address
+
+    @server_address.setter
+    def server_address(self, address: Any) -> None:  # socketserver's server_bind sets it
+        self._address = address
 
     @property
     def socket(self) -> Socket:
-        return self.listeners[0].sock
+        return self._socket if self._socket is not None else self.listeners[0].sock
+
+    @socket.setter
+    def socket(self, sock: Socket) -> None:
+        self._socket = sock
 
     def fileno(self) -> int:
-        return self.listeners[0].fileno()
+        """What handle_request() waits on (socketserver's selector does the same)."""
+        return self.socket.fileno()
 
-    def __enter__(self) -> Server:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -180,19 +241,50 @@ class Server:
         else:
             self.RequestHandlerClass(request, client_address)
 
-    def handle_error(self, request: Socket, client_address: Any) -> None:
-        """Called in the child when the handler raised; logs the traceback."""
-        logger.exception("handler failed for %s", format_address(request.family, client_address))
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Called in the child when the handler raised an Exception; logs the traceback."""
+        sock = request[1] if isinstance(request, tuple) else request
+        logger.exception("handler failed for %s", format_address(sock.family, client_address))
 
-    def serve_forever(self, poll_interval: float | None = None) -> None:
+    def _child_error(self, request: Any, client_address: Any) -> None:
+        """handle_error() gets an Exception only, as in socketserver; a
+        KeyboardInterrupt (or the like) just ends the child, with status 1."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, Exception):
+            self.handle_error(request, client_address)
+            return
+        sock = request[1] if isinstance(request, tuple) else request
+        logger.info(
+            "handler for %s ended by %s",
+            format_address(sock.family, client_address),
+            type(exc).__name__,
+        )
+
+    def serve_forever(self, poll_interval: float | None = 0.5) -> None:
         """Serve until SIGTERM/SIGINT/SIGQUIT or shutdown(); returns after the drain.
 
-        *poll_interval* is accepted for socketserver compatibility and ignored:
-        the loop sleeps in epoll until there is work.
+        The loop sleeps in epoll until there is work; *poll_interval* is how
+        often an overridden service_actions() is called.
         """
-        self.server_activate()
+        self._ready_to_serve()
+        hooked = overridden(self, Server, PARENT_HOOKS)
+        if hooked:
+            self._check_hooks(hooked[0])
+            self._requests.install()
         with self._is_shut_down:
-            self._serve()
+            self._serve(poll_interval if poll_interval is not None else 0.5)
+
+    def _check_hooks(self, hook: str) -> None:
+        """The hook path needs the parent to accept every connection."""
+        proxied = [lis.name for lis in self.listeners if getattr(lis.service, "trusted", None)]
+        if self.settings.spare_children or proxied:
+            from .errors import ConfigError
+
+            what = "spare_children" if self.settings.spare_children else "proxy_protocol"
+            raise ConfigError(
+                f"{type(self).__name__} overrides {hook}(), which runs in the parent for "
+                f"each connection: {what} hands connections past it, so they cannot go together"
+            )
 
     def shutdown(self) -> None:
         """Stop serve_forever() and wait for it; call from another thread.
@@ -207,11 +299,16 @@ class Server:
             pass
 
     def server_close(self) -> None:
-        """Close the listeners; stop any children still running.  Idempotent."""
+        """Close the listeners; wait for the children (``block_on_close``) or
+        stop them.  Idempotent."""
         for listener in self.listeners:
             listener.close_and_unlink()
+        if self._socket is not None:
+            self._socket.close()
         self._parent.forker.changed()
         if not self._serving:
+            if self.block_on_close:
+                self.collect_children(blocking=True)
             self._parent.close()
 
     # -- what the metrics snapshot reads (metrics/snapshot.py) -----------------
@@ -243,7 +340,7 @@ class Server:
 
     # -- serving ---------------------------------------------------------------------
 
-    def _serve(self) -> None:
+    def _serve(self, poll_interval: float) -> None:
         parent = self._parent
         parent.metrics_listener = self.metrics_listener
         pid = os.getpid()
@@ -253,6 +350,15 @@ class Server:
 
             metrics.serve_metrics(conn, metrics.snapshot(self, parent_pid=pid))
 
+        loop, timer = parent.loop, None
+        if overridden(self, Server, ("service_actions",)):
+
+            def tick() -> None:
+                nonlocal timer
+                self.service_actions()
+                timer = loop.call_later(poll_interval, tick)
+
+            timer = loop.call_later(poll_interval, tick)
         self._serving = True
         try:
             parent.serve(
@@ -264,6 +370,7 @@ class Server:
             )
         finally:
             self._serving = False
+            loop.cancel(timer)
 
 
 def _no_handler(conn: Socket, addr: Any) -> None:

@@ -158,7 +158,9 @@ def tls_context(spec: Any, source: str = "") -> ssl.SSLContext:
 
 
 def _plain(spec: Any) -> bool:
-    return not (spec.handler or spec.tls_cert or spec.proxy_protocol or spec.udp or spec.sandbox)
+    return not (
+        spec.handler or spec.tls_cert or spec.proxy_protocol or spec.datagram or spec.sandbox
+    )
 
 
 def build_services(

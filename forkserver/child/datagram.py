@@ -23,7 +23,7 @@ def answer(
     family: int,
     peer: Any,
     run: Callable[[Any, Any], None],
-    on_error: Callable[[socket.socket, Any], None],
+    on_error: Callable[[Any, Any], None],
     limits: ChildLimits | None = None,
 ) -> int:
     """Run the handler on one datagram: its request is ``(data, sock)``, and
@@ -40,7 +40,7 @@ def answer(
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:
-        on_error(sock, peer)
+        on_error((data, sock), peer)  # the request, as the handler got it (socketserver's)
     finally:
         sock.close()
     if started:

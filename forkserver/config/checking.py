@@ -13,7 +13,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OutOfRangeError
 from .fields import Table
 from .text import MAX_SHOWN, show, show_key
 
@@ -169,7 +169,8 @@ def _checked(cls: type[Table], f: dataclasses.Field[Any], value: Any) -> Any:
         raise bad
     lo, hi = f.metadata["min"], f.metadata["max"]
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise bad
+        # Also an OverflowError: what socketserver's bind() raises for a port of -1.
+        raise OutOfRangeError(str(bad))
     if f.metadata["check"] is not None and value and (problem := f.metadata["check"](value)):
         raise ConfigError(f"{key}: {problem}")
     return value

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 __all__ = ["LISTEN_TABLE", "Listen", "check_unique"]
 
 LISTEN_TABLE = "listen"
+# The keys that say what a table listens on; exactly one is given.
+KINDS = ("tcp", "udp", "unix", "unix_datagram")
 
 
 @deferred_dataclass(frozen=True)
@@ -36,6 +38,13 @@ class Listen(Table):
     )
     unix: str = setting(
         "", "Listen on this Unix-domain socket path.", path=True, check=check_socket_paths
+    )
+    unix_datagram: str = setting(
+        "",
+        "Receive datagrams on this Unix-domain socket path: each is served by its own "
+        "child, as for `udp` (socketserver's ForkingUnixDatagramServer).",
+        path=True,
+        check=check_socket_paths,
     )
     handler: str = setting(
         "", "This listener's handler (as `server.handler`); empty: `server.handler`."
@@ -100,10 +109,10 @@ class Listen(Table):
     def __post_init__(self) -> None:
         super().__post_init__()
         where = LISTEN_TABLE
-        given = [k for k in ("tcp", "udp", "unix") if getattr(self, k)]
+        given = [k for k in KINDS if getattr(self, k)]
         if len(given) != 1:
             raise ConfigError(
-                f"each [[{where}]] table needs exactly one of tcp, udp, unix; "
+                f"each [[{where}]] table needs exactly one of {', '.join(KINDS)}; "
                 + (f"got {' and '.join(given)}" if given else "got none")
             )
         name = self.name
@@ -111,10 +120,12 @@ class Listen(Table):
             raise ConfigError(f"[[{where}]] {name}: tls_cert and tls_key go together")
         if self.tls_client_ca and not self.tls_cert:
             raise ConfigError(f"[[{where}]] {name}: tls_client_ca needs tls_cert and tls_key")
-        if self.udp and (self.tls_cert or self.proxy_protocol):
+        if self.datagram and (self.tls_cert or self.proxy_protocol):
             key = "tls_cert" if self.tls_cert else "proxy_protocol"
-            raise ConfigError(f"[[{where}]] {name}: {key} is for streams (tcp, unix), not udp")
-        if self.handler.startswith("exec:") and (self.udp or self.tls_cert):
+            raise ConfigError(
+                f"[[{where}]] {name}: {key} is for streams (tcp, unix), not {self.kind}"
+            )
+        if self.handler.startswith("exec:") and (self.datagram or self.tls_cert):
             raise ConfigError(
                 f"[[{where}]] {name}: an exec handler serves plain TCP or Unix streams only"
             )
@@ -129,12 +140,18 @@ class Listen(Table):
 
     @property
     def kind(self) -> str:
-        return "tcp" if self.tcp else "udp" if self.udp else "unix"
+        """Which of KINDS this table listens on."""
+        return next((k for k in KINDS if getattr(self, k)), "tcp")
+
+    @property
+    def datagram(self) -> bool:
+        """Datagrams (udp, unix_datagram), each served by its own child."""
+        return bool(self.udp or self.unix_datagram)
 
     @property
     def name(self) -> str:
         """How the table is named in messages: "tcp 127.0.0.1:8000"."""
-        return f"{self.kind} {self.tcp or self.udp or self.unix}"
+        return f"{self.kind} {getattr(self, self.kind)}"
 
     @property
     def key(self) -> tuple[str, ...]:

@@ -94,6 +94,9 @@ class Acceptor:
         # when it may go on: the metrics listener pauses too (scrape.py).
         self.on_backoff: Callable[[bool], None] | None = None
         self.datagrams = Datagrams(self, settings, children, forker, admission, limits, on_error)
+        # A Server that overrides socketserver's request hooks: each listener's
+        # callback comes from there (hooks.py), chosen once in start().
+        self.request_path: Callable[[Listener], Callable[[int], None]] | None = None
         forker.parent_only(self._fds)
 
     # -- setup -----------------------------------------------------------------
@@ -103,7 +106,9 @@ class Acceptor:
         self.listeners = listeners
         for listener in listeners:
             service = listener.service
-            if listener.datagram:
+            if self.request_path is not None:
+                callback = self.request_path(listener)
+            elif listener.datagram:
                 callback = _bind(self.datagrams.receive, listener)
             elif service is not None and service.trusted is not None:
                 callback = _bind(self._on_proxied, listener)

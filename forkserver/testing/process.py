@@ -308,9 +308,11 @@ def connect(address: Address, timeout: float = 10.0) -> socket.socket:
 
 
 def parse_address(text: str) -> Address:
-    """An address as the server logs it: HOST:PORT, [V6]:PORT, udp:HOST:PORT or unix:PATH."""
-    if text.startswith("unix:"):
-        return text[len("unix:") :]
+    """An address as the server logs it: HOST:PORT, [V6]:PORT, udp:HOST:PORT,
+    unix:PATH or unixgram:PATH."""
+    for prefix in ("unix:", "unixgram:"):
+        if text.startswith(prefix):
+            return text[len(prefix) :]
     host, _, port = text.removeprefix("udp:").rpartition(":")
     return host.strip("[]"), int(port)
 
