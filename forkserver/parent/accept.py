@@ -23,7 +23,8 @@ from collections import deque
 from .. import log
 from ..child.start import become
 from ..child.stream import serve
-from ..listeners import BACKOFF_SECONDS, SKIPPED_ACCEPT_ERRNOS
+from ..listeners import BACKOFF_SECONDS
+from .backoff import Backoff
 from .datagrams import Datagrams
 from .proxied import Proxied
 from .refusals import Refusals
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from ..service import Service
     from .children import Child, ChildTable
     from .fork import Forker
-    from .loop import Loop, Timer
+    from .loop import Loop
     from .spares import Spares
 
 __all__ = ["Acceptor"]
@@ -81,7 +82,8 @@ class Acceptor:
         self.listening = False
         self.stopping = False
         self.held = False  # a reload waits for PROXY headers: accept nothing new
-        self._resume: Timer | None = None  # out of descriptors or processes: try again then
+        # Out of descriptors or processes: the listeners pause a moment.
+        self.backoff = Backoff(loop, self.refusals, self.pause, self._resume_after_backoff)
         self._fork_retry_at = 0.0  # fork() failed: no fork tried before then
         # Connections (and datagrams) waiting for a slot: at a stop's drain,
         # or handed back from the spares.
@@ -90,9 +92,6 @@ class Acceptor:
         # so the default path reads one attribute.
         self.per_child_work = admission.enabled or bool(settings.max_lifetime)
         self._callbacks: dict[Listener, Callable[[int], None]] = {}
-        # Called with True when accepting backs off (out of descriptors), False
-        # when it may go on: the metrics listener pauses too (scrape.py).
-        self.on_backoff: Callable[[bool], None] | None = None
         self.datagrams = Datagrams(self, settings, children, forker, admission, limits, on_error)
         # A Server that overrides socketserver's request hooks: each listener's
         # callback comes from there (hooks.py), chosen once in start().
@@ -124,8 +123,7 @@ class Acceptor:
         """After the loop: what waits is closed; ready for another start()."""
         self.drop_queued("the loop ended")  # only after an exception
         self.proxied.finish()
-        self._loop.cancel(self._resume)
-        self._resume = None
+        self.backoff.cancel()
         self.listening = self.held = False
 
     def changed(self) -> None:
@@ -315,7 +313,7 @@ class Acceptor:
         """Watch the listeners again, if there is room and nothing holds us back."""
         if self.spares is not None:
             self.spares.fill()
-        if self.listening or self.stopping or self.held or self._resume is not None:
+        if self.listening or self.stopping or self.held or self.backoff.active:
             return
         if not self.can_accept():
             return
@@ -344,11 +342,7 @@ class Acceptor:
         if not self.listening and not self.stopping:
             # An exiting child may also have freed descriptors (ENFILE) or
             # processes (fork's EAGAIN): try again now.
-            if self._resume is not None:
-                self._loop.cancel(self._resume)
-                self._resume = None
-                if self.on_backoff is not None:
-                    self.on_backoff(False)
+            self.backoff.end_early()
             self.resume()
 
     def dispatch_queued(self) -> None:
@@ -377,26 +371,13 @@ class Acceptor:
 
     def accept_failed(self, listener: Listener, exc: OSError) -> None:
         """accept() on *listener* failed: skip that connection, or back off."""
-        if exc.errno in SKIPPED_ACCEPT_ERRNOS:
-            return  # that one connection failed; the next is fine
-        # Out of descriptors (or some error we do not know): retrying at once
-        # would spin at 100% CPU.  Leave the connections in the kernel backlog
-        # and try again shortly, or as soon as a child exits.
-        self.refusals.accept_failed(listener.name, exc, BACKOFF_SECONDS)
-        self.back_off()
+        self.backoff.accept_failed(listener.name, exc)
 
     def back_off(self) -> None:
         """Pause accepting for BACKOFF_SECONDS (or until a child exits)."""
-        self.pause()
-        self._loop.cancel(self._resume)
-        self._resume = self._loop.call_later(BACKOFF_SECONDS, self._resume_after_backoff)
-        if self.on_backoff is not None:
-            self.on_backoff(True)
+        self.backoff.start()
 
     def _resume_after_backoff(self) -> None:
-        self._resume = None
-        if self.on_backoff is not None:
-            self.on_backoff(False)
         self._fork_retry_at = 0.0
         if self.queued:  # held while fork() failed
             self.dispatch_queued()

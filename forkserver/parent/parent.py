@@ -270,7 +270,7 @@ class Parent:
                 listener, self.loop, self.children, self.forker, self.acceptor, answer,
                 self.acceptor.on_error, limits,
             )  # fmt: skip
-            self.acceptor.on_backoff = self._scraper.paused
+            self.acceptor.backoff.on_change = self._scraper.paused
             self.stopper.on_stop.append(self._scraper.stop_began)
         self._scraper.paused(False)
 
