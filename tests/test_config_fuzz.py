@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from forkserver.config import ConfigError, Listen, Settings, load
 from forkserver.config.checking import field_types
+from forkserver.config.sandbox import Sandbox
 from forkserver.config.text import MAX_MESSAGE
 from forkserver.testing.config import environment
 from forkserver.testing.process import NotReady, ServerProcess
@@ -64,7 +65,7 @@ values = st.recursive(
 )
 
 
-def typed(cls: type[Settings] | type[Listen], key: str) -> st.SearchStrategy[Any]:
+def typed(cls: type[Settings] | type[Listen] | type[Sandbox], key: str) -> st.SearchStrategy[Any]:
     """Values of the right type for *key*, near its limits: most of what passes."""
     f = next(f for f in dataclasses.fields(cls) if f.name == key)
     kind = field_types(cls)[key]
@@ -84,7 +85,7 @@ def typed(cls: type[Settings] | type[Listen], key: str) -> st.SearchStrategy[Any
     return st.lists(strings, max_size=3)
 
 
-def table(cls: type[Settings] | type[Listen]) -> st.SearchStrategy[dict[str, Any]]:
+def table(cls: type[Settings] | type[Listen] | type[Sandbox]) -> st.SearchStrategy[dict[str, Any]]:
     """A table with a few of *cls*'s keys, half the time of the right type (and now and
     then an unknown key)."""
     keys = [f.name for f in dataclasses.fields(cls) if f.name != "listen"]
@@ -124,8 +125,14 @@ def toml_key(key: str) -> str:
     return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else toml_value(key)
 
 
-def document(server: dict[str, Any], listens: list[dict[str, Any]]) -> str:
+def document(
+    server: dict[str, Any], listens: list[dict[str, Any]], sandbox: dict[str, Any] | None = None
+) -> str:
     lines = ["[server]"] + [f"{toml_key(k)} = {toml_value(v)}" for k, v in server.items()]
+    if sandbox is not None:
+        lines += ["", "[sandbox]"] + [
+            f"{toml_key(k)} = {toml_value(v)}" for k, v in sandbox.items()
+        ]
     for listen in listens:
         lines += ["", "[[listen]]"] + [
             f"{toml_key(k)} = {toml_value(v)}" for k, v in listen.items()
@@ -137,7 +144,8 @@ def document(server: dict[str, Any], listens: list[dict[str, Any]]) -> str:
 def config_files(draw: st.DrawFn) -> bytes:
     """A config file: a [server] table and [[listen]] tables of generated values, then
     perhaps mangled (bytes cut or inserted, deep nesting, a huge number)."""
-    text = document(draw(table(Settings)), draw(st.lists(table(Listen), max_size=2)))
+    sandbox = draw(st.one_of(st.none(), table(Sandbox)))
+    text = document(draw(table(Settings)), draw(st.lists(table(Listen), max_size=2)), sandbox)
     data = text.encode()
     mangle = draw(st.sampled_from(["none", "none", "insert", "cut", "nest", "huge", "bytes"]))
     at = draw(st.integers(0, len(data)))
