@@ -2,17 +2,19 @@
 
 Each child is watched through its own pidfd (``pidfd_open``), registered on
 the loop: it becomes readable when that child has exited, and only then does
-the parent call ``waitpid(pid)`` for it.  So reaping is O(exited), never a
-walk of every child (``waitpid(-1)`` makes the kernel scan the whole list of
-children, and a reap takes two such calls: 139 µs each with 5,000 children
-alive, measured by bench/scale.py), no SIGCHLD is needed, and the parent
+the parent call ``wait4(pid, WNOHANG)`` for it, which also hands back what
+the child used (CPU time, peak RSS: accounting.py) in the same system call.
+So reaping is O(exited), never a walk of every child (``waitpid(-1)`` makes
+the kernel scan the whole list of children, and a reap takes two such
+calls: 139 µs each with 5,000 children alive, measured by bench/scale.py),
+no SIGCHLD is needed, and the parent
 never reaps a process it did not start: a program that embeds a Server and
 runs ``subprocess.run()`` keeps its own children's statuses (CPython fixed the
 same in socketserver, issue 1540386).
 
-The parent never blocks in waitpid.  Normal exits are silent; non-zero
-statuses and deaths by signal are logged with pid, peer and how long the
-child lived.
+The parent never blocks in a wait.  Normal exits are silent; non-zero
+statuses and deaths by signal are logged with pid, peer, how long the child
+lived, and for a signal why in words (accounting.py).
 
 A pidfd is an fd in the parent per live child: the parent raises its soft
 RLIMIT_NOFILE to make room (server.py), and moves each pidfd to a number of
@@ -32,10 +34,12 @@ from fcntl import F_DUPFD_CLOEXEC, fcntl
 
 from .. import log
 from ..addresses import format_address
+from .accounting import Costs, Deaths
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
+    from resource import struct_rusage
     from typing import Any
 
     from .loop import Loop, Timer
@@ -50,7 +54,10 @@ RETRY_WATCH = 0.1  # seconds: how often a child with no pidfd (none could be ope
 class Child:
     """One forked child: which connection it serves and since when."""
 
-    __slots__ = ("family", "lifetime", "peer", "pid", "pidfd", "source", "started", "status")
+    __slots__ = (
+        "family", "lifetime", "peer", "pid", "pidfd", "sent", "source", "started", "status",
+        "usage", "why",
+    )  # fmt: skip
 
     def __init__(self, pid: int, family: int, peer: Any, started: float) -> None:
         self.pid = pid
@@ -59,8 +66,11 @@ class Child:
         self.started = started
         self.pidfd = -1
         self.source: Any = None  # the admission source it counts against, if any
-        self.status = 0  # the raw waitpid status, once reaped
+        self.status = 0  # the raw wait status, once reaped
+        self.usage: struct_rusage | None = None  # what it used, from wait4, once reaped
         self.lifetime: Timer | None = None  # its max_lifetime, if one is set
+        self.sent = ""  # why forkserver signalled it (max_lifetime, a stop), if it did
+        self.why = ""  # once reaped: why it died of a signal, in words, if known
 
     @property
     def peer_text(self) -> str:
@@ -107,6 +117,8 @@ class ChildTable:
         self.exited_ok = 0
         self.exited_error = 0
         self.exited_signal = 0
+        self.deaths = Deaths()  # its limit_cpu is set by the parent
+        self.costs: Costs | None = None  # with a metrics listener: set (and fed) by the parent
 
     def __len__(self) -> int:
         return len(self._children)
@@ -164,17 +176,28 @@ class ChildTable:
         child = self._by_pidfd.pop(pidfd)
         self._loop.remove_reader(pidfd)
         os.close(pidfd)
-        self._collect(child, _wait(child.pid))
+        got, status, usage = _wait_exited(child.pid)
+        if got:
+            self._collect(child, status, usage)
+        else:
+            self._unwatched[child.pid] = None
+            self._poll_later()
 
     def _reap_watched(self, pidfd: int) -> None:
         pid, on_exit = self._watched.pop(pidfd)
         self._loop.remove_reader(pidfd)
         os.close(pidfd)
-        on_exit(_wait(pid))
+        got, status, _ = _wait_exited(pid)
+        if got:
+            on_exit(status)
+        else:
+            self._unwatched[pid] = on_exit
+            self._poll_later()
 
-    def _collect(self, child: Child, status: int) -> None:
+    def _collect(self, child: Child, status: int, usage: struct_rusage | None) -> None:
         del self._children[child.pid]
         child.status = status
+        child.usage = usage
         if child.lifetime is not None:
             self._loop.cancel(child.lifetime)
             child.lifetime = None
@@ -185,12 +208,14 @@ class ChildTable:
                 self.exited_signal += 1
             else:
                 self.exited_error += 1
+            child.why = why = self.deaths.why(child)
             logger.warning(
-                "child %d for %s %s after %.3fs",
+                "child %d for %s %s after %.3fs%s",
                 child.pid,
                 child.peer_text,
                 describe_status(status),
                 time.monotonic() - child.started,
+                f": {why}" if why else "",
             )
         self.on_exit(child)
 
@@ -204,32 +229,34 @@ class ChildTable:
             RETRY_WATCH,
         )
         self._unwatched[pid] = on_exit
+        self._poll_later()
+
+    def _poll_later(self) -> None:
         if self._poll_timer is None:
             self._poll_timer = self._loop.call_later(RETRY_WATCH, self._poll_unwatched)
 
     def _poll_unwatched(self) -> None:
         self._poll_timer = None
         for pid, on_exit in list(self._unwatched.items()):
-            try:
-                got, status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                got, status = pid, 0
+            got, status, usage = _wait_exited(pid)
             if not got:
                 continue
             del self._unwatched[pid]
             if on_exit is None:
-                self._collect(self._children[pid], status)
+                self._collect(self._children[pid], status, usage)
             else:
                 on_exit(status)
         if self._unwatched:
-            self._poll_timer = self._loop.call_later(RETRY_WATCH, self._poll_unwatched)
+            self._poll_later()
 
     # -- signals and lifetimes -------------------------------------------------
 
-    def signal_all(self, signum: int) -> None:
-        for pid in list(self._children):
+    def signal_all(self, signum: int, why: str = "the server's stop") -> None:
+        """Send *signum* to every child; *why* is logged if one dies of it."""
+        for child in list(self._children.values()):
+            child.sent = why
             try:
-                os.kill(pid, signum)
+                os.kill(child.pid, signum)
             except ProcessLookupError:
                 pass  # exited, not yet reaped
 
@@ -249,6 +276,7 @@ class ChildTable:
                 max_lifetime,
                 "SIGKILL" if overdue else "SIGTERM",
             )
+            child.sent = f"max_lifetime ({max_lifetime:g}s)"
             try:
                 os.kill(child.pid, signal.SIGKILL if overdue else signal.SIGTERM)
             except ProcessLookupError:
@@ -297,8 +325,20 @@ class ChildTable:
 
 
 def _wait(pid: int) -> int:
-    """The raw status of *pid*, which has exited (its pidfd said so)."""
+    """The raw status of *pid*, waiting for it (outside the loop only)."""
     try:
         return os.waitpid(pid, 0)[1]
     except ChildProcessError:  # SIGCHLD set to SIG_IGN by the host program: auto-reaped
         return 0
+
+
+def _wait_exited(pid: int) -> tuple[int, int, struct_rusage | None]:
+    """(pid, raw status, rusage) of *pid* if it has exited, else (0, 0, None).
+
+    Called once its pidfd is readable, so it has: WNOHANG only makes sure the
+    loop can never block here.  wait4 costs what waitpid did (both are
+    wait4() in the kernel); the rusage comes with it."""
+    try:
+        return os.wait4(pid, os.WNOHANG)
+    except ChildProcessError:  # SIGCHLD set to SIG_IGN by the host program: auto-reaped
+        return pid, 0, None

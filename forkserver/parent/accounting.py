@@ -1,0 +1,160 @@
+"""What each connection cost: a reaped child's rusage, its death in words, the histograms.
+
+The parent reaps each child with ``wait4`` (children.py), which hands back
+the child's resource usage at no extra system call: CPU user and system
+time and peak RSS (``ru_maxrss``, KiB on Linux), its waited-for
+descendants included.  From it:
+
+* :class:`Deaths` says in words why a child died of a signal: the CPU
+  limit, the seccomp filter, max_lifetime, the OOM killer, a crash;
+* :class:`Costs` keeps three histograms as bucket counters, updated at each
+  reap with a few integer operations (only with a metrics listener); a
+  scrape child reads them from its copy of the parent's memory.
+
+A peak RSS counts the pages the child inherited from the parent and
+touched, so it starts near the parent's own RSS, not at zero.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from bisect import bisect_left
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from resource import struct_rusage
+
+    from .children import Child
+
+__all__ = ["Costs", "Deaths", "Histogram", "cpu_seconds"]
+
+# Signals whose cause is known from the signal alone.
+_REASONS: dict[int, str] = {
+    signal.SIGXCPU: "the CPU time limit (limit_cpu)",
+    signal.SIGXFSZ: "the file size limit",
+    signal.SIGSYS: "the seccomp filter (a forbidden system call)",
+    signal.SIGSEGV: "a segmentation fault (a crash in native code)",
+    signal.SIGBUS: "a bus error (a crash in native code, or a truncated mapped file)",
+    signal.SIGILL: "an illegal instruction (a crash in native code)",
+    signal.SIGFPE: "an arithmetic fault in native code",
+    signal.SIGABRT: "abort() (a failed check in native code)",
+    signal.SIGPIPE: "a write to a closed pipe",
+}
+
+# Seconds: a child SIGKILLed with at least this share of limit_cpu used was
+# killed by the kernel for it (RLIMIT_CPU with soft == hard sends SIGKILL,
+# not SIGXCPU).
+_CPU_LIMIT_SHARE = 0.99
+
+
+def cpu_seconds(usage: struct_rusage) -> float:
+    return usage.ru_utime + usage.ru_stime
+
+
+def _oom_kills() -> int:
+    """The kernel's count of OOM kills (memory cgroups' included); -1 if unknown."""
+    try:
+        with open("/proc/vmstat", "rb") as f:
+            for line in f:
+                if line.startswith(b"oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return -1
+
+
+class Deaths:
+    """Explains deaths by SIGKILL and SIGTERM, whose cause the signal does not say."""
+
+    def __init__(self, limit_cpu: int = -1) -> None:
+        self.limit_cpu = limit_cpu
+        self._oom_kills = _oom_kills()  # read once at start, then only at an unexplained SIGKILL
+
+    def why(self, child: Child) -> str:
+        """Why *child*, reaped, died of a signal, in words; "" when it exited,
+        or when nothing is known."""
+        if not os.WIFSIGNALED(child.status):
+            return ""
+        signum = os.WTERMSIG(child.status)
+        if child.sent:  # forkserver sent it: max_lifetime, a stop
+            return child.sent
+        if signum == signal.SIGKILL:
+            usage = child.usage
+            if (
+                self.limit_cpu > 0
+                and usage is not None
+                and cpu_seconds(usage) >= self.limit_cpu * _CPU_LIMIT_SHARE
+            ):
+                return f"the CPU time limit (limit_cpu = {self.limit_cpu}s)"
+            before, self._oom_kills = self._oom_kills, _oom_kills()
+            if 0 <= before < self._oom_kills:
+                return "the kernel's OOM killer, most likely (its oom_kill count rose)"
+            return "not sent by forkserver: another process or the OOM killer"
+        if signum == signal.SIGXCPU and self.limit_cpu > 0:
+            return f"the CPU time limit (limit_cpu = {self.limit_cpu}s)"
+        if signum in _REASONS:
+            return _REASONS[signum]
+        if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+            return "not sent by forkserver: another process"
+        return ""
+
+
+class Histogram:
+    """Counts per bucket (not yet cumulative) and a sum: a Prometheus histogram kept cheaply."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds  # upper bounds, ascending; the last bucket is +Inf
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # bisect_left: the first bound >= value, as Prometheus's le ("less or equal").
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+# Seconds of CPU (user + system) a connection's child used.
+CPU_BOUNDS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+# Peak RSS in bytes: from 8 MiB (about a lean parent's RSS, which a child starts with) to 4 GiB.
+RSS_BOUNDS = tuple(float(mib << 20) for mib in (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096))
+# Seconds from fork (or, for a spare, from taking the connection) to reap.
+DURATION_BOUNDS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 1800.0, 3600.0,
+)  # fmt: skip
+
+
+class Costs:
+    """What the reaped connections cost, as three histograms (only with a metrics listener)."""
+
+    def __init__(self) -> None:
+        self.cpu = Histogram(CPU_BOUNDS)
+        self.max_rss = Histogram(RSS_BOUNDS)
+        self.duration = Histogram(DURATION_BOUNDS)
+
+    def record(self, child: Child, now: float) -> None:
+        usage = child.usage
+        if usage is None or child.peer is None:
+            return  # auto-reaped (no rusage), or a spare that never had a connection
+        self.cpu.observe(usage.ru_utime + usage.ru_stime)
+        self.max_rss.observe(usage.ru_maxrss << 10)  # KiB on Linux
+        self.duration.observe(now - child.started)
