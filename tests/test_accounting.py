@@ -182,10 +182,10 @@ def test_a_child_over_limit_cpu_is_logged_as_such(start_server: StartServer) -> 
         line = server.wait_for_log(rf'"logger": "forkserver\.access".*"pid": {pid}\b', 80)
         assert recv_to_eof(sock) == b""
     record: dict[str, Any] = json.loads(line)
-    # RLIMIT_CPU with soft == hard: the kernel sends SIGKILL, not SIGXCPU.
-    assert record["status"] in ("killed by SIGKILL", "killed by SIGXCPU"), record
+    assert record["status"] == "killed by SIGXCPU", record["message"]
     assert record["reason"] == "the CPU time limit (limit_cpu = 1s)"
-    assert record["cpu_user"] + record["cpu_system"] >= 0.9
+    # The kernel checks the limit against tick-sampled CPU time; wait4's is precise.
+    assert record["cpu_user"] + record["cpu_system"] > 0.5
     assert "bytes_in" not in record  # only the child knows them
     warning = json.loads(server.wait_for_log(rf"child {pid} for .* killed by "))
     assert warning["message"].endswith(": the CPU time limit (limit_cpu = 1s)"), warning

@@ -97,6 +97,8 @@ class Parent:
         # What each connection cost, for /metrics: histograms in the parent,
         # read by the scrape child from its copy.
         self.costs = self.children.costs = Costs() if settings.metrics else None
+        if settings.access_log or self.costs is not None:
+            self.children.keep_usage()
         # Which reap callback runs is decided once: the default path pays
         # for no feature it has not configured.
         if self.spares is not None or settings.access_log or self.costs is not None:
