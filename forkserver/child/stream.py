@@ -136,7 +136,7 @@ def access_line(
     text += f" {how}"
     fields["status"] = how
     if reason:
-        text += f" ({reason})"
+        text += f": {reason}"
         fields["reason"] = reason
     if usage is not None:
         user, system, max_rss = usage

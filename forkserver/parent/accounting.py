@@ -78,7 +78,7 @@ class Deaths:
                 return "the kernel's OOM killer, most likely (its oom_kill count rose)"
             return "not sent by forkserver: another process or the OOM killer"
         if signum == signal.SIGXCPU and self.limit_cpu >= 0:
-            return f"the CPU time limit (limit_cpu = {self.limit_cpu}s)"
+            return f"the CPU time limit, limit_cpu = {self.limit_cpu}s"
         if signum in _REASONS:
             return _REASONS[signum]
         if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):

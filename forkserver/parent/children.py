@@ -287,7 +287,7 @@ class ChildTable:
                 max_lifetime,
                 "SIGKILL" if overdue else "SIGTERM",
             )
-            child.sent = f"max_lifetime ({max_lifetime:g}s)"
+            child.sent = f"max_lifetime = {max_lifetime:g}s ran out"
             try:
                 os.kill(child.pid, signal.SIGKILL if overdue else signal.SIGTERM)
             except ProcessLookupError:
