@@ -7,9 +7,11 @@ touches a known amount of memory, so the figures have bounds to meet.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -19,9 +21,12 @@ from typing import Any
 import psutil
 import pytest
 
+from forkserver.parent import accounting
+from forkserver.parent.accounting import Deaths
+from forkserver.parent.children import Child
 from tests.helpers.clients import connect, read_pid_greeting, recv_to_eof
 from tests.helpers.metrics import metrics_url, scrape
-from tests.helpers.servers import ROOT, ServerProcess, StartServer, config, wait_until
+from tests.helpers.servers import MODES, ROOT, ServerProcess, StartServer, config, wait_until
 
 COSTLY = "tests.helpers.services:costly"
 BURN = 0.3  # CPU seconds the handler spins for
@@ -64,12 +69,13 @@ def ask_costly(server: ServerProcess) -> tuple[socket.socket, int, int]:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_access_log_and_metrics_show_cpu_and_rss_of_a_costly_handler(
-    start_server: StartServer, log_format: str
+    start_server: StartServer, log_format: str, mode: dict[str, Any]
 ) -> None:
     server = start_server(
-        config(COSTLY, access_log=True, metrics="127.0.0.1:0", log_format=log_format)
+        config(COSTLY, access_log=True, metrics="127.0.0.1:0", log_format=log_format, **mode)
     )
     base = metrics_url(server)
     parent_rss_kib = psutil.Process(server.pid).memory_info().rss >> 10
@@ -206,3 +212,67 @@ def test_a_child_past_max_lifetime_is_logged_as_such(start_server: StartServer) 
     )
     server.wait_for_log(rf"pid {pid} \S+s killed by SIGTERM: max_lifetime = 0\.5s ran out{USAGE}")
     assert server.stop() == 0
+
+
+# -- the words, from real wait statuses -------------------------------------------------
+
+
+def killed_status(signum: int) -> int:
+    """The raw wait status of a real process killed by *signum*."""
+    ready, say_ready = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child only waits to be killed
+        faulthandler.disable()  # pytest's: it would print a traceback for SIGSEGV
+        if signum != signal.SIGKILL:
+            signal.signal(signum, signal.SIG_DFL)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        os.write(say_ready, b"1")
+        while True:
+            signal.pause()
+    os.close(say_ready)
+    try:
+        assert os.read(ready, 1) == b"1"
+    finally:
+        os.close(ready)
+    os.kill(pid, signum)
+    return os.waitpid(pid, 0)[1]
+
+
+WORDS = [
+    (signal.SIGXCPU, "", 2, "the CPU time limit, limit_cpu = 2s"),
+    (signal.SIGSYS, "", -1, "the seccomp filter (a forbidden system call)"),
+    (signal.SIGABRT, "", -1, "abort() (a failed check in native code)"),
+    (signal.SIGTERM, "the server's stop", -1, "the server's stop"),
+    (signal.SIGKILL, "max_lifetime = 3s ran out", -1, "max_lifetime = 3s ran out"),
+    # What forkserver sent is not the cause of another signal.
+    (signal.SIGSEGV, "the server's stop", -1, "a segmentation fault (a crash in native code)"),
+    (signal.SIGUSR1, "", -1, ""),
+]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("signum", "sent", "limit_cpu", "words"),
+    WORDS,
+    ids=[s.name + ("-sent" if sent else "") for s, sent, _, _ in WORDS],
+)
+def test_deaths_in_words(signum: int, sent: str, limit_cpu: int, words: str) -> None:
+    child = Child(1, socket.AF_INET, ("10.0.0.1", 1), 0.0)
+    child.status, child.sent = killed_status(signum), sent
+    assert Deaths(limit_cpu).why(child) == words
+
+
+@pytest.mark.timeout(30)
+def test_an_unexplained_sigkill_is_the_oom_killers_when_its_count_rose(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The one thing not made real: an OOM kill of the machine's.
+    kills = iter([5, 5, 6])
+    monkeypatch.setattr(accounting, "_oom_kills", lambda: next(kills))
+    deaths = Deaths()
+    child = Child(1, socket.AF_INET, ("10.0.0.1", 1), 0.0)
+    child.status = killed_status(signal.SIGKILL)
+    assert deaths.why(child) == "not sent by forkserver: another process or the OOM killer"
+    assert deaths.why(child) == "the kernel's OOM killer, most likely (its oom_kill count rose)"
+    exited = Child(2, socket.AF_INET, ("10.0.0.1", 2), 0.0)
+    assert deaths.why(exited) == ""  # status 0: it exited

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import signal
-from bisect import bisect_left
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -89,16 +88,19 @@ class Deaths:
 class Histogram:
     """Counts per bucket (not yet cumulative) and a sum: a Prometheus histogram kept cheaply."""
 
-    __slots__ = ("bounds", "counts", "sum")
+    __slots__ = ("_bucket", "bounds", "counts", "sum")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
+        from bisect import bisect_left  # only with metrics: the parent stays lean otherwise
+
+        # bisect_left: the first bound >= value, as Prometheus's le ("less or equal").
+        self._bucket = bisect_left
         self.bounds = bounds  # upper bounds, ascending; the last bucket is +Inf
         self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
-        # bisect_left: the first bound >= value, as Prometheus's le ("less or equal").
-        self.counts[bisect_left(self.bounds, value)] += 1
+        self.counts[self._bucket(self.bounds, value)] += 1
         self.sum += value
 
 
