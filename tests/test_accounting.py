@@ -88,7 +88,7 @@ def test_access_log_and_metrics_show_cpu_and_rss_of_a_costly_handler(
     else:
         duration, user, system, max_rss = cost_record(server, pid)
     assert BURN <= user + system < BURN + CPU_SLACK
-    assert duration >= user + system  # one thread: wall time covers CPU time
+    assert duration >= BURN  # the handler's spin alone takes that long, in wall time too
     assert MIB << 10 <= max_rss < (MIB << 10) + parent_rss_kib + RSS_SLACK
 
     # The parent's histograms, from wait4 at the reap (a little later than the line).
