@@ -9,7 +9,10 @@ descendants included.  From it:
   limit, the seccomp filter, max_lifetime, the OOM killer, a crash;
 * :class:`Costs` keeps three histograms as bucket counters, updated at each
   reap with a few integer operations (only with a metrics listener); a
-  scrape child reads them from its copy of the parent's memory.
+  scrape child reads them from its copy of the parent's memory.  They cost
+  the parent about 8 copy-on-write faults per connection (104 against 96
+  with the updates skipped, bench/accounting.py); one flat array of floats
+  instead of lists of ints measured the same, so the lists stay.
 
 A peak RSS counts the pages the child inherited from the parent and
 touched, so it starts near the parent's own RSS, not at zero.

@@ -137,7 +137,7 @@ class ChildTable:
         Only when something reads it (the access log, metrics): the rusage
         object wait4 builds cost the parent 12 more copy-on-write faults per
         connection than waitpid (103 against 91, 3 s of one-client echo
-        churn, Python 3.11)."""
+        churn, Python 3.11: bench/accounting.py)."""
         self._wait_exited = _wait4_exited
 
     def get(self, pid: int) -> Child | None:
