@@ -244,11 +244,9 @@ def test_connection_costs_are_prometheus_histograms() -> None:
     # (user, sys, max rss KiB, seconds alive)
     for user, system, rss_kib, age in ((0.001, 0.0, 9 << 10, 0.001), (0.5, 0.25, 100 << 10, 3.0)):
         child = Child(os.getpid(), socket.AF_INET, ("10.0.0.1", 1), now - age)
-        child.usage = resource.struct_rusage((user, system, rss_kib) + (0,) * 13)
-        costs.record(child, now)
+        costs.record(child, resource.struct_rusage((user, system, rss_kib) + (0,) * 13), now)
     spare = Child(os.getpid(), 0, None, now)
-    spare.usage = resource.struct_rusage((9.0, 9.0, 1 << 30) + (0,) * 13)
-    costs.record(spare, now)
+    costs.record(spare, resource.struct_rusage((9.0, 9.0, 1 << 30) + (0,) * 13), now)
     text = metrics.render_prometheus(metrics.snapshot(server), with_process_stats=False)
     families = parse(text)
     for name in ("cpu_seconds", "max_rss_bytes", "duration_seconds"):

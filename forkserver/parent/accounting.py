@@ -25,6 +25,8 @@ import signal
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from resource import struct_rusage
+
     from .children import Child
 
 __all__ = ["Costs", "Deaths", "Histogram"]
@@ -62,14 +64,15 @@ class Deaths:
         self.limit_cpu = limit_cpu
         self._oom_kills = _oom_kills()  # read once at start, then only at an unexplained SIGKILL
 
-    def why(self, child: Child) -> str:
-        """Why *child*, reaped, died of a signal, in words; "" when it exited,
-        or when nothing is known."""
-        if not os.WIFSIGNALED(child.status):
+    def why(self, status: int, sent: str = "") -> str:
+        """Why a child reaped with raw wait *status* died of a signal, in
+        words; "" when it exited, or when nothing is known.  *sent*: why
+        forkserver signalled it, if it did."""
+        if not os.WIFSIGNALED(status):
             return ""
-        signum = os.WTERMSIG(child.status)
-        if child.sent and signum in (signal.SIGTERM, signal.SIGKILL):
-            return child.sent  # forkserver sent it: max_lifetime, a stop
+        signum = os.WTERMSIG(status)
+        if sent and signum in (signal.SIGTERM, signal.SIGKILL):
+            return sent  # forkserver sent it: max_lifetime, a stop
         if signum == signal.SIGKILL:
             # Not limit_cpu's: its soft limit sends SIGXCPU (child/limits.py).
             # Nor can wait4's CPU time tell: the kernel checks the limit
@@ -142,8 +145,8 @@ class Costs:
         self.max_rss = Histogram(RSS_BOUNDS)
         self.duration = Histogram(DURATION_BOUNDS)
 
-    def record(self, child: Child, now: float) -> None:
-        usage = child.usage
+    def record(self, child: Child, usage: struct_rusage | None, now: float) -> None:
+        """*child* was reaped at *now* (monotonic) having used *usage*."""
         if usage is None or child.peer is None:
             return  # auto-reaped (no rusage), or a spare that never had a connection
         self.cpu.observe(usage.ru_utime + usage.ru_stime)

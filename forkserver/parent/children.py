@@ -55,10 +55,11 @@ RETRY_WATCH = 0.1  # seconds: how often a child with no pidfd (none could be ope
 class Child:
     """One forked child: which connection it serves and since when."""
 
-    __slots__ = (
-        "family", "lifetime", "peer", "pid", "pidfd", "sent", "source", "started", "status",
-        "usage", "why",
-    )  # fmt: skip
+    # Eight slots, as before accounting: three more moved Child to a larger
+    # allocation size class, which cost the default path 5 copy-on-write
+    # faults per connection (bench/accounting.py); what accounting keeps
+    # per child lives in the ChildTable instead.
+    __slots__ = ("family", "lifetime", "peer", "pid", "pidfd", "source", "started", "status")
 
     def __init__(self, pid: int, family: int, peer: Any, started: float) -> None:
         self.pid = pid
@@ -68,10 +69,7 @@ class Child:
         self.pidfd = -1
         self.source: Any = None  # the admission source it counts against, if any
         self.status = 0  # the raw wait status, once reaped
-        self.usage: struct_rusage | None = None  # what it used, from wait4, once reaped
         self.lifetime: Timer | None = None  # its max_lifetime, if one is set
-        self.sent = ""  # why forkserver signalled it (max_lifetime, a stop), if it did
-        self.why = ""  # once reaped: why it died of a signal, in words, if known
 
     @property
     def peer_text(self) -> str:
@@ -121,6 +119,11 @@ class ChildTable:
         self.deaths = Deaths()  # its limit_cpu is set by the parent
         self.costs: Costs | None = None  # with a metrics listener: set (and fed) by the parent
         self._wait_exited = _waitpid_exited
+        # What on_exit may read of the child being reaped: its rusage (with
+        # keep_usage()), and why it died of a signal, in words, if known.
+        self.usage: struct_rusage | None = None
+        self.why = ""
+        self._sent: dict[int, str] = {}  # pid -> why forkserver signalled it, until reaped
 
     def __len__(self) -> int:
         return len(self._children)
@@ -132,7 +135,7 @@ class ChildTable:
         return pid in self._children
 
     def keep_usage(self) -> None:
-        """Reap with wait4 from now on, keeping each child's rusage (``Child.usage``).
+        """Reap with wait4 from now on: each child's rusage is ``usage`` during on_exit.
 
         Only when something reads it (the access log, metrics): the rusage
         object wait4 builds cost the parent 12 more copy-on-write faults per
@@ -208,18 +211,20 @@ class ChildTable:
     def _collect(self, child: Child, status: int, usage: struct_rusage | None) -> None:
         del self._children[child.pid]
         child.status = status
-        child.usage = usage
+        self.usage = usage
         if child.lifetime is not None:
             self._loop.cancel(child.lifetime)
             child.lifetime = None
         if status == 0:
             self.exited_ok += 1
+            if self._sent:  # signalled by us, yet it exited 0
+                self._sent.pop(child.pid, None)
         else:
             if os.WIFSIGNALED(status):
                 self.exited_signal += 1
             else:
                 self.exited_error += 1
-            child.why = why = self.deaths.why(child)
+            self.why = why = self.deaths.why(status, self._sent.pop(child.pid, ""))
             logger.warning(
                 "child %d for %s %s after %.3fs%s",
                 child.pid,
@@ -265,7 +270,7 @@ class ChildTable:
     def signal_all(self, signum: int, why: str = "the server's stop") -> None:
         """Send *signum* to every child; *why* is logged if one dies of it."""
         for child in list(self._children.values()):
-            child.sent = why
+            self._sent[child.pid] = why
             try:
                 os.kill(child.pid, signum)
             except ProcessLookupError:
@@ -287,7 +292,7 @@ class ChildTable:
                 max_lifetime,
                 "SIGKILL" if overdue else "SIGTERM",
             )
-            child.sent = f"max_lifetime = {max_lifetime:g}s ran out"
+            self._sent[child.pid] = f"max_lifetime = {max_lifetime:g}s ran out"
             try:
                 os.kill(child.pid, signal.SIGKILL if overdue else signal.SIGTERM)
             except ProcessLookupError:
@@ -320,6 +325,7 @@ class ChildTable:
         for child in list(self._children.values()):
             self._children.pop(child.pid)
             child.status = _wait(child.pid)
+        self._sent.clear()
 
     def _reap_any(self) -> bool:
         reaped = False

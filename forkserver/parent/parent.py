@@ -229,16 +229,16 @@ class Parent:
     def _after_reap(self, child: Child) -> None:
         """A child was reaped, with spares, an access log or metrics configured."""
         if self.costs is not None:
-            self.costs.record(child, time.monotonic())
+            self.costs.record(child, self.children.usage, time.monotonic())
         if self.settings.access_log and os.WIFSIGNALED(child.status):
             # The child wrote its own line, unless it was killed: the parent
             # knows no byte counts, but what wait4 said it used.
-            usage = child.usage
+            usage = self.children.usage
             access_line(
                 child.peer_text, child.pid, time.monotonic() - child.started, None,
                 describe_status(child.status),
                 (usage.ru_utime, usage.ru_stime, usage.ru_maxrss) if usage else None,
-                child.why,
+                self.children.why,
             )  # fmt: skip
         if self.spares is not None:
             self.spares.gone(child)
