@@ -1,7 +1,8 @@
 """What each connection cost: a reaped child's rusage, its death in words, the histograms.
 
-The parent reaps each child with ``wait4`` (children.py), which hands back
-the child's resource usage at no extra system call: CPU user and system
+With the access log or metrics, the parent reaps each child with ``wait4``
+(children.py), which hands back the child's resource usage at no extra
+system call: CPU user and system
 time and peak RSS (``ru_maxrss``, KiB on Linux), its waited-for
 descendants included.  From it:
 
