@@ -27,6 +27,9 @@ from tests.helpers.transports import (
     unserved,
 )
 
+# What an access line says a connection cost, after how it ended.
+COSTS = r"; cpu \d+\.\d{3}s user \d+\.\d{3}s sys, max rss \d+ KiB"
+
 # forkserver's own line writer (the echo module does not import logging), and
 # stdlib logging (tests.helpers.services imports it): both must give the same output.
 HANDLERS = ["forkserver.examples.echo:EchoHandler", "tests.helpers.services:echo_function"]
@@ -132,10 +135,10 @@ def test_access_log_names_the_real_client_for_udp_and_proxy(
     assert len(lines) == 2, lines
     udp_line = next(line for line in lines if line.startswith("127.0.0.1:"))
     assert re.fullmatch(
-        rf"127\.0\.0\.1:{port} pid \d+ \d+\.\d+s in 5 out - exit status 0", udp_line
+        rf"127\.0\.0\.1:{port} pid \d+ \d+\.\d+s in 5 out - exit status 0{COSTS}", udp_line
     )
     proxy_line = next(line for line in lines if line.startswith("[2001:db8::5]:555 "))
     # in: the header and the payload, read from the proxy's connection.
     assert re.fullmatch(
-        r"\[2001:db8::5\]:555 pid \d+ \d+\.\d+s in \d+ out \d+ exit status 0", proxy_line
+        rf"\[2001:db8::5\]:555 pid \d+ \d+\.\d+s in \d+ out \d+ exit status 0{COSTS}", proxy_line
     )

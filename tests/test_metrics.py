@@ -12,6 +12,7 @@ import dataclasses
 import http.server
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -30,7 +31,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from forkserver import metrics, status
 from forkserver.child.stream import serve
 from forkserver.config import ConfigError, Settings
-from forkserver.parent.children import ChildTable
+from forkserver.parent.accounting import Costs
+from forkserver.parent.children import Child, ChildTable
 from forkserver.parent.loop import Loop
 from forkserver.server import Server
 
@@ -231,6 +233,37 @@ def test_label_values_and_help_are_escaped() -> None:
     families = parse(text)
     got = {s.labels["reason"]: s.value for s in families["forkserver_connections_refused"].samples}
     assert got == ODD_REASONS
+
+
+def test_connection_costs_are_prometheus_histograms() -> None:
+    """Bucket counts are cumulative, a value on a bound falls in that bucket
+    (le: less or equal), and a spare that never had a connection is not counted."""
+    server = fake_server([])
+    costs = server.children.costs = Costs()
+    now = time.monotonic()
+    # (user, sys, max rss KiB, seconds alive)
+    for user, system, rss_kib, age in ((0.001, 0.0, 9 << 10, 0.001), (0.5, 0.25, 100 << 10, 3.0)):
+        child = Child(os.getpid(), socket.AF_INET, ("10.0.0.1", 1), now - age)
+        costs.record(child, resource.struct_rusage((user, system, rss_kib) + (0,) * 13), now)
+    spare = Child(os.getpid(), 0, None, now)
+    costs.record(spare, resource.struct_rusage((9.0, 9.0, 1 << 30) + (0,) * 13), now)
+    text = metrics.render_prometheus(metrics.snapshot(server), with_process_stats=False)
+    families = parse(text)
+    for name in ("cpu_seconds", "max_rss_bytes", "duration_seconds"):
+        assert families[f"forkserver_connection_{name}"].type == "histogram"
+        assert value(families, f"forkserver_connection_{name}", le="+Inf") == 2
+    cpu = "forkserver_connection_cpu_seconds"
+    assert [value(families, cpu, le=le) for le in ("0.001", "0.5", "1.0")] == [1, 1, 2]
+    assert "forkserver_connection_cpu_seconds_sum 0.751\n" in text
+    assert "forkserver_connection_cpu_seconds_count 2\n" in text
+    rss = "forkserver_connection_max_rss_bytes"
+    assert value(families, rss, le=repr(float(8 << 20))) == 0
+    assert value(families, rss, le=repr(float(16 << 20))) == 1
+    assert value(families, rss, le=repr(float(128 << 20))) == 2
+    duration = "forkserver_connection_duration_seconds"
+    assert value(families, duration, le="0.0025") == 1
+    assert value(families, duration, le="2.5") == 1
+    assert value(families, duration, le="5.0") == 2
 
 
 def test_snapshot_reads_a_real_server(sleepers: Sleepers) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
-from .stream import access_line
+from .stream import served
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -44,5 +44,5 @@ def answer(
     finally:
         sock.close()
     if started:
-        access_line(family, peer, time.monotonic() - started, (len(data), None), status)
+        served(family, peer, time.monotonic() - started, (len(data), None), status)
     return status

@@ -25,7 +25,7 @@ class ChildLimits:
 
     def __init__(self, settings: Settings) -> None:
         s = settings
-        self.rlimits: list[tuple[int, int]] = []
+        self.rlimits: list[tuple[int, int, int]] = []  # (kind, soft, hard)
         if any(
             v >= 0 for v in (s.limit_cpu, s.limit_memory_mb, s.limit_open_files, s.limit_core_mb)
         ):
@@ -38,7 +38,15 @@ class ChildLimits:
                 (s.limit_core_mb << 20 if s.limit_core_mb >= 0 else -1, resource.RLIMIT_CORE),
             ):
                 if value >= 0:
-                    self.rlimits.append((kind, value))
+                    self.rlimits.append((kind, value, value))
+            if s.limit_cpu >= 0:
+                # A hard limit one second above the soft one: the kernel sends
+                # SIGXCPU at the soft limit (a death that says why), where a
+                # hard limit reached sends SIGKILL, which could be anyone's.
+                _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+                if hard == resource.RLIM_INFINITY or hard > s.limit_cpu:
+                    at = [kind for kind, _, _ in self.rlimits].index(resource.RLIMIT_CPU)
+                    self.rlimits[at] = (resource.RLIMIT_CPU, s.limit_cpu, s.limit_cpu + 1)
         self.uid = self.gid = -1
         self.groups: list[int] = []
         if s.user or s.group:
@@ -78,8 +86,8 @@ class ChildLimits:
         if self.rlimits:
             import resource
 
-            for kind, value in self.rlimits:
-                resource.setrlimit(kind, (value, value))
+            for kind, soft, hard in self.rlimits:
+                resource.setrlimit(kind, (soft, hard))
         if self.gid >= 0:
             os.setgroups(self.groups)
             os.setgid(self.gid)

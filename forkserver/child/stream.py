@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ..service import Service
     from .limits import ChildLimits
 
-__all__ = ["access_line", "close_connection", "serve"]
+__all__ = ["access_line", "close_connection", "serve", "served"]
 
 
 def close_connection(conn: socket.socket) -> None:
@@ -89,23 +89,59 @@ def serve(
             service.close_tls(conn)
         close_connection(conn)
         if started:
-            access_line(family, peer, time.monotonic() - started, counts, status)
+            served(family, peer, time.monotonic() - started, counts or (None, None), status)
     return status
 
 
-def access_line(
-    family: int, peer: Any, duration: float, counts: tuple[int, int | None] | None, status: int
+def served(
+    family: int, peer: Any, duration: float, counts: tuple[int | None, int | None], status: int
 ) -> None:
-    """The child's access-log line: peer, pid, duration, bytes, exit status."""
+    """The child's own access-log line, written as it ends: the byte counts
+    (TCP_INFO) are known only here.  CPU and peak RSS are its own so far,
+    and its waited-for children's: what the parent's wait4 will say, but
+    for the few system calls left before the exit."""
+    import resource  # imported by the parent already (parent.py): free here
+
+    mine = resource.getrusage(resource.RUSAGE_SELF)
+    theirs = resource.getrusage(resource.RUSAGE_CHILDREN)
+    usage = (
+        mine.ru_utime + theirs.ru_utime,
+        mine.ru_stime + theirs.ru_stime,
+        max(mine.ru_maxrss, theirs.ru_maxrss),
+    )
+    access_line(
+        format_address(family, peer), os.getpid(), duration, counts, f"exit status {status}", usage
+    )
+
+
+def access_line(
+    peer_text: str,
+    pid: int,
+    duration: float,
+    counts: tuple[int | None, int | None] | None,
+    how: str,
+    usage: tuple[float, float, int] | None,
+    reason: str = "",
+) -> None:
+    """One access-log line: peer, pid, duration, bytes in and out (*counts*,
+    None: not known to the writer, left out of the text), how it ended and
+    why, and *usage*: CPU user and system seconds and peak RSS in KiB."""
     from .. import log
 
-    peer_text = format_address(family, peer)
-    got, sent = counts if counts is not None else ("-", "-")
-    sent = "-" if sent is None else sent
-    log.get_logger("forkserver.access").record(
-        "%s pid %d %.3fs in %s out %s exit status %d",
-        peer_text, os.getpid(), duration, got, sent, status,
-        peer=peer_text, pid=os.getpid(), duration=round(duration, 6),
-        bytes_in=counts[0] if counts else None, bytes_out=counts[1] if counts else None,
-        status=f"exit status {status}",
-    )  # fmt: skip
+    text = f"{peer_text} pid {pid} {duration:.3f}s"
+    fields: dict[str, Any] = {"peer": peer_text, "pid": pid, "duration": round(duration, 6)}
+    if counts is not None:
+        got, sent = ("-" if n is None else n for n in counts)
+        text += f" in {got} out {sent}"
+        fields["bytes_in"], fields["bytes_out"] = counts
+    text += f" {how}"
+    fields["status"] = how
+    if reason:
+        text += f": {reason}"
+        fields["reason"] = reason
+    if usage is not None:
+        user, system, max_rss = usage
+        text += f"; cpu {user:.3f}s user {system:.3f}s sys, max rss {max_rss} KiB"
+        fields["cpu_user"], fields["cpu_system"] = round(user, 6), round(system, 6)
+        fields["max_rss"] = max_rss << 10  # bytes
+    log.get_logger("forkserver.access").record("%s", text, **fields)

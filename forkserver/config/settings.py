@@ -164,8 +164,9 @@ class Settings(Table):
     )
     access_log: bool = setting(
         False,
-        "One line per connection: peer, pid, duration, bytes in and out, and how it "
-        "ended (exit status, signal, or the refusal reason). Costs nothing when off.",
+        "One line per connection: peer, pid, duration, bytes in and out, how it ended "
+        "(exit status, signal and why, or the refusal reason), CPU user and system "
+        "time and peak RSS. Costs nothing when off.",
     )
     proc_title: bool = setting(
         True,
@@ -301,7 +302,8 @@ class Settings(Table):
     # -- what a child may use, and as whom ------------------------------------
     limit_cpu: int = setting(
         -1,
-        "RLIMIT_CPU of each child, in seconds (SIGXCPU past it); -1: inherited.",
+        "RLIMIT_CPU of each child, in seconds (SIGXCPU past it, SIGKILL a second "
+        "later); -1: inherited.",
         min=-1,
         max=1 << 31,
     )

@@ -48,6 +48,40 @@ def _family(
             out.append(f"{name} {_number(value)}")
 
 
+# The connection histograms: name, snapshot key, help.
+_HISTOGRAMS = (
+    (
+        "forkserver_connection_cpu_seconds",
+        "cpu",
+        "CPU time (user + system) of each connection's child, from wait4 at its reap.",
+    ),
+    (
+        "forkserver_connection_max_rss_bytes",
+        "max_rss",
+        "Peak resident set size of each connection's child (pages inherited from the "
+        "parent included), from wait4 at its reap.",
+    ),
+    (
+        "forkserver_connection_duration_seconds",
+        "duration",
+        "Seconds from each connection's fork (a spare: from taking it) to its child's reap.",
+    ),
+)
+
+
+def _histogram(
+    out: list[str], name: str, help_text: str, bounds: list[float], counts: list[int], total: float
+) -> None:
+    out.append(f"# HELP {name} {_escape_help(help_text)}")
+    out.append(f"# TYPE {name} histogram")
+    cumulative = 0
+    for le, count in zip([*map(repr, map(float, bounds)), "+Inf"], counts, strict=True):
+        cumulative += count
+        out.append(f'{name}_bucket{{le="{le}"}} {cumulative}')
+    out.append(f"{name}_sum {total!r}")
+    out.append(f"{name}_count {cumulative}")
+
+
 def render_prometheus(snap: Snapshot, with_process_stats: bool = True) -> str:
     """*snap* in Prometheus text format 0.0.4.
 
@@ -108,6 +142,9 @@ def render_prometheus(snap: Snapshot, with_process_stats: bool = True) -> str:
         "The spare_children setting.",
         [(None, snap["spare_children"])],
     )
+    for name, key, help_text in _HISTOGRAMS:
+        if key in snap["costs"]:
+            _histogram(out, name, help_text, *snap["costs"][key])
     if with_process_stats:
         stats = process_stats([c["pid"] for c in snap["children"]], snap["pid"])
         known = [s for s in stats.values() if s is not None]

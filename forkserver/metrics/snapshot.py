@@ -39,6 +39,28 @@ if TYPE_CHECKING:
         def exited_error(self) -> int: ...
         @property
         def exited_signal(self) -> int: ...
+        @property
+        def costs(self) -> CostsView | None: ...
+
+    class HistogramView(Protocol):
+        """What a snapshot reads from a :class:`forkserver.parent.accounting.Histogram`."""
+
+        @property
+        def bounds(self) -> tuple[float, ...]: ...
+        @property
+        def counts(self) -> list[int]: ...
+        @property
+        def sum(self) -> float: ...
+
+    class CostsView(Protocol):
+        """What a snapshot reads from :class:`forkserver.parent.accounting.Costs`."""
+
+        @property
+        def cpu(self) -> HistogramView: ...
+        @property
+        def max_rss(self) -> HistogramView: ...
+        @property
+        def duration(self) -> HistogramView: ...
 
     class SettingsView(Protocol):
         @property
@@ -80,6 +102,9 @@ if TYPE_CHECKING:
         refused: dict[str, int]  # reason -> count
         exited: dict[str, int]  # "ok", "error", "signal" -> count
         children: list[ChildInfo]
+        # What reaped connections cost: name -> (upper bounds, count per
+        # bucket, the last one +Inf, not cumulative; sum).  Empty if not kept.
+        costs: dict[str, tuple[list[float], list[int], float]]
 
     # (rss, uss, cpu seconds); uss is None where smaps cannot be read.
     ProcStats = tuple[int, int | None, float]
@@ -107,6 +132,19 @@ def snapshot(server: ServerView, parent_pid: int | None = None) -> Snapshot:
         for child in server.children
     ]
     table = server.children
+    costs = table.costs
+    histograms = (
+        {}
+        if costs is None
+        else {
+            name: (list(h.bounds), list(h.counts), h.sum)
+            for name, h in (
+                ("cpu", costs.cpu),
+                ("max_rss", costs.max_rss),
+                ("duration", costs.duration),
+            )
+        }
+    )
     return {
         "pid": os.getpid() if parent_pid is None else parent_pid,
         "stopping": server.stopping,
@@ -121,6 +159,7 @@ def snapshot(server: ServerView, parent_pid: int | None = None) -> Snapshot:
             "signal": table.exited_signal,
         },
         "children": children,
+        "costs": histograms,
     }
 
 

@@ -2,17 +2,20 @@
 
 Each child is watched through its own pidfd (``pidfd_open``), registered on
 the loop: it becomes readable when that child has exited, and only then does
-the parent call ``waitpid(pid)`` for it.  So reaping is O(exited), never a
-walk of every child (``waitpid(-1)`` makes the kernel scan the whole list of
-children, and a reap takes two such calls: 139 µs each with 5,000 children
-alive, measured by bench/scale.py), no SIGCHLD is needed, and the parent
+the parent call ``waitpid(pid, WNOHANG)`` for it, or ``wait4``, which also
+hands back what the child used (CPU time, peak RSS: accounting.py), when the
+access log or metrics read it (:meth:`ChildTable.keep_usage`).
+So reaping is O(exited), never a walk of every child (``waitpid(-1)`` makes
+the kernel scan the whole list of children, and a reap takes two such
+calls: 139 µs each with 5,000 children alive, measured by bench/scale.py),
+no SIGCHLD is needed, and the parent
 never reaps a process it did not start: a program that embeds a Server and
 runs ``subprocess.run()`` keeps its own children's statuses (CPython fixed the
 same in socketserver, issue 1540386).
 
-The parent never blocks in waitpid.  Normal exits are silent; non-zero
-statuses and deaths by signal are logged with pid, peer and how long the
-child lived.
+The parent never blocks in a wait.  Normal exits are silent; non-zero
+statuses and deaths by signal are logged with pid, peer, how long the child
+lived, and for a signal why in words (accounting.py).
 
 A pidfd is an fd in the parent per live child: the parent raises its soft
 RLIMIT_NOFILE to make room (server.py), and moves each pidfd to a number of
@@ -32,10 +35,12 @@ from fcntl import F_DUPFD_CLOEXEC, fcntl
 
 from .. import log
 from ..addresses import format_address
+from .accounting import Costs, Deaths
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping
+    from resource import struct_rusage
     from typing import Any
 
     from .loop import Loop, Timer
@@ -50,6 +55,10 @@ RETRY_WATCH = 0.1  # seconds: how often a child with no pidfd (none could be ope
 class Child:
     """One forked child: which connection it serves and since when."""
 
+    # Eight slots, as before accounting: three more moved Child to a larger
+    # allocation size class, which cost the default path 5 copy-on-write
+    # faults per connection (bench/accounting.py); what accounting keeps
+    # per child lives in the ChildTable instead.
     __slots__ = ("family", "lifetime", "peer", "pid", "pidfd", "source", "started", "status")
 
     def __init__(self, pid: int, family: int, peer: Any, started: float) -> None:
@@ -59,7 +68,7 @@ class Child:
         self.started = started
         self.pidfd = -1
         self.source: Any = None  # the admission source it counts against, if any
-        self.status = 0  # the raw waitpid status, once reaped
+        self.status = 0  # the raw wait status, once reaped
         self.lifetime: Timer | None = None  # its max_lifetime, if one is set
 
     @property
@@ -111,6 +120,14 @@ class ChildTable:
         self.exited_ok = 0
         self.exited_error = 0
         self.exited_signal = 0
+        self.deaths = Deaths()  # its limit_cpu is set by the parent
+        self.costs: Costs | None = None  # with a metrics listener: set (and fed) by the parent
+        self._wait_exited = _waitpid_exited
+        # What on_exit may read of the child being reaped: its rusage (with
+        # keep_usage()), and why it died of a signal, in words, if known.
+        self.usage: struct_rusage | None = None
+        self.why = ""
+        self._sent: dict[int, str] = {}  # pid -> why forkserver signalled it, until reaped
 
     def __len__(self) -> int:
         return len(self._children)
@@ -120,6 +137,15 @@ class ChildTable:
 
     def __contains__(self, pid: int) -> bool:
         return pid in self._children
+
+    def keep_usage(self) -> None:
+        """Reap with wait4 from now on: each child's rusage is ``usage`` during on_exit.
+
+        Only when something reads it (the access log, metrics): the rusage
+        object wait4 builds cost the parent 12 more copy-on-write faults per
+        connection than waitpid (103 against 91, 3 s of one-client echo
+        churn, Python 3.11: bench/accounting.py)."""
+        self._wait_exited = _wait4_exited
 
     def get(self, pid: int) -> Child | None:
         return self._children.get(pid)
@@ -168,33 +194,48 @@ class ChildTable:
         child = self._by_pidfd.pop(pidfd)
         self._loop.remove_reader(pidfd)
         os.close(pidfd)
-        self._collect(child, _wait(child.pid))
+        got, status, usage = self._wait_exited(child.pid)
+        if got:
+            self._collect(child, status, usage)
+        else:
+            self._unwatched[child.pid] = None
+            self._poll_later()
 
     def _reap_watched(self, pidfd: int) -> None:
         pid, on_exit = self._watched.pop(pidfd)
         self._loop.remove_reader(pidfd)
         os.close(pidfd)
-        on_exit(_wait(pid))
+        got, status, _ = _waitpid_exited(pid)
+        if got:
+            on_exit(status)
+        else:
+            self._unwatched[pid] = on_exit
+            self._poll_later()
 
-    def _collect(self, child: Child, status: int) -> None:
+    def _collect(self, child: Child, status: int, usage: struct_rusage | None) -> None:
         del self._children[child.pid]
         child.status = status
+        self.usage = usage
         if child.lifetime is not None:
             self._loop.cancel(child.lifetime)
             child.lifetime = None
         if status == 0:
             self.exited_ok += 1
+            if self._sent:  # signalled by us, yet it exited 0
+                self._sent.pop(child.pid, None)
         else:
             if os.WIFSIGNALED(status):
                 self.exited_signal += 1
             else:
                 self.exited_error += 1
+            self.why = why = self.deaths.why(status, self._sent.pop(child.pid, ""))
             logger.warning(
-                "child %d for %s %s after %.3fs",
+                "child %d for %s %s after %.3fs%s",
                 child.pid,
                 child.peer_text,
                 describe_status(status),
                 time.monotonic() - child.started,
+                f": {why}" if why else "",
             )
         self.on_exit(child)
 
@@ -208,32 +249,34 @@ class ChildTable:
             RETRY_WATCH,
         )
         self._unwatched[pid] = on_exit
+        self._poll_later()
+
+    def _poll_later(self) -> None:
         if self._poll_timer is None:
             self._poll_timer = self._loop.call_later(RETRY_WATCH, self._poll_unwatched)
 
     def _poll_unwatched(self) -> None:
         self._poll_timer = None
         for pid, on_exit in list(self._unwatched.items()):
-            try:
-                got, status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                got, status = pid, 0
+            got, status, usage = (self._wait_exited if on_exit is None else _waitpid_exited)(pid)
             if not got:
                 continue
             del self._unwatched[pid]
             if on_exit is None:
-                self._collect(self._children[pid], status)
+                self._collect(self._children[pid], status, usage)
             else:
                 on_exit(status)
         if self._unwatched:
-            self._poll_timer = self._loop.call_later(RETRY_WATCH, self._poll_unwatched)
+            self._poll_later()
 
     # -- signals and lifetimes -------------------------------------------------
 
-    def signal_all(self, signum: int) -> None:
-        for pid in list(self._children):
+    def signal_all(self, signum: int, why: str = "the server's stop") -> None:
+        """Send *signum* to every child; *why* is logged if one dies of it."""
+        for child in list(self._children.values()):
+            self._sent[child.pid] = why
             try:
-                os.kill(pid, signum)
+                os.kill(child.pid, signum)
             except ProcessLookupError:
                 pass  # exited, not yet reaped
 
@@ -253,6 +296,7 @@ class ChildTable:
                 max_lifetime,
                 "SIGKILL" if overdue else "SIGTERM",
             )
+            self._sent[child.pid] = f"max_lifetime = {max_lifetime:g}s ran out"
             try:
                 os.kill(child.pid, signal.SIGKILL if overdue else signal.SIGTERM)
             except ProcessLookupError:
@@ -285,6 +329,7 @@ class ChildTable:
         for child in list(self._children.values()):
             self._children.pop(child.pid)
             child.status = _wait(child.pid)
+        self._sent.clear()
 
     def _reap_any(self) -> bool:
         reaped = False
@@ -301,8 +346,29 @@ class ChildTable:
 
 
 def _wait(pid: int) -> int:
-    """The raw status of *pid*, which has exited (its pidfd said so)."""
+    """The raw status of *pid*, waiting for it (outside the loop only)."""
     try:
         return os.waitpid(pid, 0)[1]
     except ChildProcessError:  # SIGCHLD set to SIG_IGN by the host program: auto-reaped
         return 0
+
+
+def _wait4_exited(pid: int) -> tuple[int, int, struct_rusage | None]:
+    """(pid, raw status, rusage) of *pid* if it has exited, else (0, 0, None).
+
+    Called once its pidfd is readable, so it has: WNOHANG only makes sure the
+    loop can never block here.  The same system call as waitpid's (both are
+    wait4() in the kernel), with the rusage filled in."""
+    try:
+        return os.wait4(pid, os.WNOHANG)
+    except ChildProcessError:  # SIGCHLD set to SIG_IGN by the host program: auto-reaped
+        return pid, 0, None
+
+
+def _waitpid_exited(pid: int) -> tuple[int, int, struct_rusage | None]:
+    """As _wait4_exited, without the rusage: the default path."""
+    try:
+        got, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return pid, 0, None
+    return got, status, None

@@ -220,10 +220,10 @@ def finish_in_child(server: Any, request: Any, client_address: Any, limits: Any)
         counts = _counts(request) if started else None
         server.shutdown_request(request)
     if started:
-        from ..child.stream import access_line
+        from ..child.stream import served
 
         family = _family(request)
-        access_line(family, client_address, time.monotonic() - started, counts, status)
+        served(family, client_address, time.monotonic() - started, counts or (None, None), status)
     return status
 
 

@@ -17,9 +17,11 @@ import time
 from .. import log, pidfile, systemd
 from ..admission import Admission
 from ..child.limits import ChildLimits
+from ..child.stream import access_line
 from ..child.warm import warm_up
 from . import threads
 from .accept import Acceptor
+from .accounting import Costs
 from .children import ChildTable, describe_status
 from .fork import Forker
 from .loop import Loop
@@ -71,6 +73,7 @@ class Parent:
 
             limits = SandboxedLimits(settings, settings.sandbox)
         self.children = ChildTable(loop, lambda child: None)
+        self.children.deaths.limit_cpu = settings.limit_cpu
         self.admission = Admission(settings)
         self.acceptor = acceptor = Acceptor(
             settings, loop, self.children, forker, self.admission, limits, run, on_error
@@ -97,9 +100,14 @@ class Parent:
         self.shutdown_request = False
         self.exiting_after_serve = False  # the process exits next (the command line)
         forker.parent_only(self._private_fds)
+        # What each connection cost, for /metrics: histograms in the parent,
+        # read by the scrape child from its copy.
+        self.costs = self.children.costs = Costs() if settings.metrics else None
+        if settings.access_log or self.costs is not None:
+            self.children.keep_usage()
         # Which reap callback runs is decided once: the default path pays
         # for no feature it has not configured.
-        if self.spares is not None or settings.access_log:
+        if self.spares is not None or settings.access_log or self.costs is not None:
             self.children.on_exit = self._after_reap
         else:
             self.children.on_exit = acceptor.slot_freed
@@ -228,14 +236,18 @@ class Parent:
         return [*self.acceptor.listeners, *extra]
 
     def _after_reap(self, child: Child) -> None:
-        """A child was reaped, with spares or an access log configured."""
+        """A child was reaped, with spares, an access log or metrics configured."""
+        if self.costs is not None:
+            self.costs.record(child, self.children.usage, time.monotonic())
         if self.settings.access_log and os.WIFSIGNALED(child.status):
-            # The child wrote its own line, unless it was killed.
-            how = describe_status(child.status)
-            age = time.monotonic() - child.started
-            log.get_logger("forkserver.access").record(
-                "%s pid %d %.3fs %s", child.peer_text, child.pid, age, how,
-                peer=child.peer_text, pid=child.pid, duration=round(age, 6), status=how,
+            # The child wrote its own line, unless it was killed: the parent
+            # knows no byte counts, but what wait4 said it used.
+            usage = self.children.usage
+            access_line(
+                child.peer_text, child.pid, time.monotonic() - child.started, None,
+                describe_status(child.status),
+                (usage.ru_utime, usage.ru_stime, usage.ru_maxrss) if usage else None,
+                self.children.why,
             )  # fmt: skip
         if self.spares is not None:
             self.spares.gone(child)

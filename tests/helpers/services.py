@@ -271,3 +271,17 @@ class FaultyEcho(BaseHandler):
         while data := conn.recv(65536):
             if not dropping:
                 conn.sendall(data)
+
+
+def costly(conn: socket.socket, addr: Any) -> None:
+    """Reads "SECONDS MIB": spins for that much CPU time, allocates and touches
+    that many MiB, replies with its pid, then holds them until the client's EOF."""
+    seconds, mib = _read_line(conn).split()
+    deadline = time.process_time() + float(seconds)
+    while time.process_time() < deadline:
+        pass
+    block = bytearray(int(mib) << 20)
+    block[::4096] = b"\x01" * len(range(0, len(block), 4096))  # every page resident
+    conn.sendall(f"{os.getpid()}\n".encode())
+    while conn.recv(4096):
+        pass
