@@ -17,15 +17,14 @@ Results: ``bench/results/accounting-<time>.json`` and ``accounting-latest.json``
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .common import median, metadata, run_load, write_results
-from .servers import ROOT, RunningServer, ServerSpec, bench_env, kill_group
+from .common import RESULTS_DIR, median, metadata, run_load, write_results
+from .servers import ROOT, ServerSpec, serve
 
 SETUPS = {
     "default": "",
@@ -55,27 +54,13 @@ def run_one(tree: Path, setup: str, duration: float, conf_dir: Path) -> dict[str
     conf = conf_dir / f"{setup}.toml"
     conf.write_text(CONFIG + SETUPS[setup])
     argv = [sys.executable, "-m", "forkserver", "--config", str(conf)]
-    spec = ServerSpec(setup, argv, r"listening on 127\.0\.0\.1:(\d+)", r"forkserver ready")
-    env = bench_env()
-    env["PYTHONPATH"] = str(tree)  # this tree's forkserver, not the repository's
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=tree,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        server = RunningServer(spec, proc)
-    except BaseException:
-        kill_group(proc.pid)
-        proc.wait()
-        raise
-    try:
-        server.wait_ready(60)
+    # This tree's forkserver, run from there (python -m puts the working
+    # directory first on sys.path), not the repository's.
+    spec = ServerSpec(
+        setup, argv, r"listening on 127\.0\.0\.1:(\d+)", r"forkserver ready",
+        env={"PYTHONPATH": str(tree)}, cwd=tree,
+    )  # fmt: skip
+    with serve(spec) as server:
         cpu0, faults0 = parent_stat(server.pid)
         report = run_load(
             server.address, "--concurrency", "1", "--duration", str(duration),
@@ -83,8 +68,6 @@ def run_one(tree: Path, setup: str, duration: float, conf_dir: Path) -> dict[str
         )  # fmt: skip
         server.settle()  # every child reaped: its reap counted
         cpu1, faults1 = parent_stat(server.pid)
-    finally:
-        server.stop()
     n = max(report["connections"], 1)
     return {
         "connections": report["connections"],
@@ -101,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=3.0, help="seconds of load per run")
     parser.add_argument("--setups", default=",".join(SETUPS), help="comma-separated")
     parser.add_argument("--before", type=Path, help="another checkout to measure alternately")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS_DIR, help="results directory (default bench/results)"
+    )
     return parser
 
 
@@ -142,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{figures['parent_faults_per_conn']:.1f} faults/conn"
         )
     data = {**metadata("accounting", argv), "runs": runs, "summary": summary}
-    print(f"saved {write_results('accounting', data)}")
+    print(f"saved {write_results('accounting', data, args.out)}")
     return 0
 
 

@@ -331,6 +331,20 @@ def test_compare(out_dir: Path) -> None:
     assert "forkserver-pool / python-floor" in result.stdout
 
 
+@pytest.mark.timeout(120)
+def test_accounting(out_dir: Path) -> None:
+    result = run_bench(
+        "-m", "bench.accounting", "--rounds", "1", "--duration", "0.5",
+        "--setups", "default,metrics", "--out", str(out_dir),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads((out_dir / "accounting-latest.json").read_text())
+    assert {run["setup"] for run in data["runs"]} == {"default", "metrics"}
+    for run in data["runs"]:
+        assert run["connections"] > 0
+        assert run["parent_faults_per_conn"] > 0  # every fork costs the parent faults
+
+
 _pycache = shutil.ignore_patterns("__pycache__")
 
 
