@@ -9,13 +9,15 @@ Servers (``--servers``, all by default): ``forkserver`` (``python -m
 forkserver``, ``forkserver.examples.echo``, forking on accept),
 ``forkserver-pool`` (the same with spare_children), stdlib ``socketserver``
 (``ForkingTCPServer``, ``bench/peers/socketserver_echo.py``), ucspi-tcp
-``tcpserver ... cat`` when installed, and four floors, which nobody would
+``tcpserver ... cat`` when installed, and five floors, which nobody would
 run but which show how far a design could go here: ``python-floor``
 (``bench/peers/leanfloor.py`` under ``python -S -I``: raw-fd accept, fork,
 ``os.read``/``os.write`` echo, exit, reaping in its loop), ``python-needs``
 (``bench/peers/needsfloor.py``: the same plus what forkserver promises, written
 as cheaply as we know: an epoll loop, signals to a wakeup fd, a pidfd per
-child, a socket object and a handler instance in the child), ``python-sigchld``
+child, a socket object and a handler instance in the child), ``python-needs-pool``
+(``bench/peers/needspool.py``: the same with 16 spares, each serving one
+connection, as ``forkserver-pool``), ``python-sigchld``
 (``bench/peers/forkecho.py``: the same with socket objects and a SIGCHLD
 handler) and ``c-floor`` (``bench/peers/forkecho.c``, built at run time);
 all with the same ``--max-children`` and ``--backlog``, on 127.0.0.1.
@@ -79,6 +81,7 @@ TARGET_REFERENCES = ("python-floor", "tcpserver")
 # Not targets, the context for them: what the product's contract costs
 # (python-needs over the lean floor), and forkserver over that contract.
 NEEDS_FLOOR = "python-needs"
+NEEDS_POOL = "python-needs-pool"  # the same, with spares
 NO_COMPILER = (
     "no C compiler (cc, gcc or clang): load from bench.load (Python), whose CPU per "
     "connection is close to the servers'; compare the load us column with theirs"
@@ -247,7 +250,8 @@ def targets(summary: dict[str, Any], runs: list[dict[str, Any]]) -> list[dict[st
         return None if row is None else row[key]
 
     pairs = [(name, ref) for name in TARGET_SERVERS for ref in TARGET_REFERENCES]
-    pairs += [(NEEDS_FLOOR, "python-floor")] + [(name, NEEDS_FLOOR) for name in TARGET_SERVERS]
+    pairs += [(NEEDS_FLOOR, "python-floor"), ("forkserver", NEEDS_FLOOR)]
+    pairs += [(NEEDS_POOL, "python-floor"), ("forkserver-pool", NEEDS_POOL)]
     pairs += [("forkserver", BASELINE_NAME)]  # with --baseline: after over before
     out = []
     for name, ref in pairs:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import RESULTS_DIR
-from .compare import NEEDS_FLOOR
+from .compare import NEEDS_FLOOR, NEEDS_POOL
 from .servers import BASELINE_NAME, ROOT, bench_env
 
 OTHER_LOAD_WARNING = 0.2  # cores used by other processes worth a warning
@@ -532,7 +532,7 @@ def _floor_targets(compare: dict[str, Any] | None) -> list[str]:
         server, ref = t["server"], t["reference"]
         for key, what, floor_limit, higher in FLOOR_TARGETS:
             value = t.get(key)
-            if NEEDS_FLOOR in (server, ref) or ref == BASELINE_NAME:  # context, not a target
+            if {NEEDS_FLOOR, NEEDS_POOL} & {server, ref} or ref == BASELINE_NAME:  # context
                 shown = "-" if value is None else f"{value:.2f}"
                 rows.append([f"{server} / {ref}: {what}", shown, "(context)"])
                 continue

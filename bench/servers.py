@@ -127,6 +127,15 @@ def python_needs_spec(backlog: int) -> ServerSpec:
     return ServerSpec("python-needs", [*argv, "--backlog", str(backlog)], r"^(\d+)$", r"^\d+$")
 
 
+def python_needs_pool_spec(backlog: int) -> ServerSpec:
+    """bench/peers/needspool.py: the needs floor with POOL_SPARES spares, each
+    serving one connection, as forkserver-pool."""
+    script = str(PEERS / "needspool.py")
+    argv = [sys.executable, "-S", "-E", "-s", script, "--host", HOST, "--port", "0"]
+    argv += ["--backlog", str(backlog), "--spares", str(POOL_SPARES)]
+    return ServerSpec("python-needs-pool", argv, r"^(\d+)$", r"^\d+$")
+
+
 def python_sigchld_spec(backlog: int) -> ServerSpec:
     """bench/peers/forkecho.py: the floor's loop with socket objects and a SIGCHLD handler."""
     script = str(PEERS / "forkecho.py")
@@ -161,6 +170,7 @@ _SPECS: dict[str, Callable[[int, int], ServerSpec | None]] = {
     "tcpserver": tcpserver_spec,
     "python-floor": lambda m, b: python_floor_spec(b),
     "python-needs": lambda m, b: python_needs_spec(b),
+    "python-needs-pool": lambda m, b: python_needs_pool_spec(b),
     "python-sigchld": lambda m, b: python_sigchld_spec(b),
     "c-floor": lambda m, b: c_floor_spec(b),
 }

@@ -263,7 +263,7 @@ def test_churn_client() -> None:
 def test_compare_out_help_and_columns(tmp_path: Path) -> None:
     help_text = run_bench("-m", "bench.compare", "--help").stdout
     for name in ("forkserver", "forkserver-pool", "socketserver", "tcpserver", "python-floor",
-                 "python-needs", "python-sigchld", "c-floor"):  # fmt: skip
+                 "python-needs", "python-needs-pool", "python-sigchld", "c-floor"):  # fmt: skip
         assert name in help_text
     tracked = ROOT / "bench" / "results" / "compare-latest.json"
     before = tracked.stat().st_mtime_ns if tracked.exists() else None
@@ -299,7 +299,7 @@ def test_compare(out_dir: Path) -> None:
     assert result.returncode == 0, result.stderr
     data = json.loads((out_dir / "compare-latest.json").read_text())
     expected = {"forkserver", "forkserver-pool", "socketserver", "python-floor", "python-sigchld"}
-    expected |= {"python-needs"}
+    expected |= {"python-needs", "python-needs-pool"}
     expected |= {"tcpserver"} if shutil.which("tcpserver") else set()
     expected |= {"c-floor"} if _has_cc() else set()
     assert set(data["summary"]) == expected
@@ -320,11 +320,13 @@ def test_compare(out_dir: Path) -> None:
     assert len(list(out_dir.glob("compare-2*.json"))) == 1
     assert "forkserver" in result.stdout and "conn/s" in result.stdout
     # The targets: forkserver and the pool over each reference that ran.
-    refs = {"python-floor", "python-needs"} | ({"tcpserver"} & expected)
+    refs = {"python-floor"} | ({"tcpserver"} & expected)
     pairs = {(t["server"], t["reference"]) for t in data["targets"]}
     servers = ("forkserver", "forkserver-pool")
-    # and the context: the needs floor over the lean one
-    assert pairs == {(s, r) for s in servers for r in refs} | {("python-needs", "python-floor")}
+    # and the context: the needs floors over the lean one, forkserver over them
+    context = {("python-needs", "python-floor"), ("forkserver", "python-needs")}
+    context |= {("python-needs-pool", "python-floor"), ("forkserver-pool", "python-needs-pool")}
+    assert pairs == {(s, r) for s in servers for r in refs} | context
     for t in data["targets"]:
         assert t["conn_per_s_8"] > 0 and t["p50_ms_1"] > 0 and t["faults_per_conn"] > 0
         assert t["conn_per_s_32"] is None  # not measured in this run
