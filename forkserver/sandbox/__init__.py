@@ -31,6 +31,8 @@ from . import calls
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..config import Settings
     from ..config.sandbox import Sandbox
     from .seccomp import Program
@@ -46,6 +48,9 @@ class Prebuilt:
     def __init__(self, sandbox: Sandbox, label: str = "each connection") -> None:
         self.network_none = sandbox.network == "none"
         self.ruleset = -1
+        # Bound here: an import statement run in each child would walk (and
+        # copy the pages of) the import machinery.
+        self._restrict_self: Callable[[int], None] | None = None
         self.program: Program | None = None
         said: list[str] = []
         if sandbox.landlock != "off":
@@ -56,6 +61,7 @@ class Prebuilt:
                 logger.warning("sandbox: this kernel has no Landlock; filesystem rules not applied")
             else:
                 self.ruleset = landlock.build(sandbox.read, sandbox.read_write, version)
+                self._restrict_self = landlock.restrict_self
                 lost = landlock.lost_rights(version)
                 said.append(f"landlock ABI {version}")
                 if lost:
@@ -85,10 +91,8 @@ class Prebuilt:
         """In the child, after the user drop: steps 3-5 (raises OSError)."""
         if self.no_new_privs:
             calls.no_new_privs()
-        if self.ruleset >= 0:
-            from .landlock import restrict_self
-
-            restrict_self(self.ruleset)
+        if self._restrict_self is not None and self.ruleset >= 0:
+            self._restrict_self(self.ruleset)
             os.close(self.ruleset)  # the handler has no use for it
         if self.program is not None:
             self.program.load()
