@@ -9,15 +9,13 @@ without ``dataclasses`` (see ``fields.py``).
 
 from __future__ import annotations
 
-import os
-
 from ..addresses import host_port
 from ..errors import ConfigError
 from .fields import Table, deferred_dataclass, setting
 from .listen import Listen, check_unique
 from .paths import check_log_file, check_pidfile, check_socket_paths
 from .sandbox import Sandbox
-from .text import show
+from .together import check_together
 from .values import (
     check_account,
     check_address,
@@ -348,33 +346,7 @@ class Settings(Table):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.user and os.geteuid() != 0:
-            import pwd
-
-            if pwd.getpwnam(self.user).pw_uid != os.geteuid():
-                raise ConfigError(f"{TABLE}.user: switching to {show(self.user)} needs root")
-        if self.group and os.geteuid() != 0:
-            import grp
-
-            if grp.getgrnam(self.group).gr_gid != os.getegid():
-                raise ConfigError(f"{TABLE}.group: switching to {show(self.group)} needs root")
-        if self.request_timeout_max and self.request_timeout_max < self.request_timeout:
-            raise ConfigError(
-                f"{TABLE}.request_timeout_max must be 0 or at least request_timeout "
-                f"({self.request_timeout:g}), got {self.request_timeout_max:g}"
-            )
-        if self.user and any(t.sandbox and t.sandbox.network == "none" for t in self.listen):
-            # A listener's sandbox applies after the user drop, and a network
-            # namespace needs CAP_SYS_ADMIN; [sandbox]'s is made before the drop.
-            raise ConfigError(
-                f'{TABLE}.user: network = "none" in a [[listen]] sandbox needs children '
-                "that keep root; give it in [sandbox] instead"
-            )
-        if self.spare_children > self.max_children:
-            raise ConfigError(
-                f"{TABLE}.spare_children must be at most max_children ({self.max_children}), "
-                f"got {self.spare_children}"
-            )
+        check_together(self)  # what one key's own check cannot see (together.py)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Settings:
