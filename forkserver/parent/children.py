@@ -331,6 +331,25 @@ class ChildTable:
             child.status = _wait(child.pid)
         self._sent.clear()
 
+    def collect(self, blocking: bool, at_most: int = 0) -> int:
+        """Outside the loop: reap the children that have exited, each through
+        its pidfd as the loop would (socketserver's collect_children).
+        *blocking* waits until all have exited, or *at_most* of them.  Returns
+        how many were reaped."""
+        import select
+
+        reaped = 0
+        while self._by_pidfd:  # a child with no pidfd is the loop's poll's to reap
+            poller = select.poll()
+            for pidfd in self._by_pidfd:
+                poller.register(pidfd, select.POLLIN)
+            for pidfd, _ in poller.poll(None if blocking else 0):
+                self._reap(pidfd)
+                reaped += 1
+            if not blocking or (at_most and reaped >= at_most):
+                break
+        return reaped
+
     def _reap_any(self) -> bool:
         reaped = False
         for pid in list(self._children):

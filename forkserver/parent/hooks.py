@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from ..listeners import Listener
-    from .children import Child, ChildTable
+    from .children import Child
     from .parent import Parent
 
 __all__ = ["Requests", "collect"]
@@ -246,30 +246,13 @@ def collect(parent: Parent, blocking: bool, at_most: int = 0) -> int:
     # reap (listen again, serve what waits) is for serve_forever() to start.
     on_exit, children.on_exit = children.on_exit, _nothing
     try:
-        return _collect(children, blocking, at_most)
+        return children.collect(blocking, at_most)
     finally:
         children.on_exit = on_exit
 
 
 def _nothing(child: Child) -> None:
     pass
-
-
-def _collect(children: ChildTable, blocking: bool, at_most: int) -> int:
-    reaped = 0
-    while len(children):
-        pidfds = [child.pidfd for child in children if child.pidfd >= 0]
-        if not pidfds:
-            break  # out of descriptors at fork: the loop polls those (children.py)
-        poller = select.poll()
-        for pidfd in pidfds:
-            poller.register(pidfd, select.POLLIN)
-        for pidfd, _ in poller.poll(None if blocking else 0):
-            children._reap(pidfd)  # the loop's own callback for that pidfd
-            reaped += 1
-        if not blocking or (at_most and reaped >= at_most):
-            break
-    return reaped
 
 
 def _family(request: Any) -> int:
