@@ -12,6 +12,15 @@ together).  Rounds alternate the order; medians are reported, and conn/s and
 p50 of each variant divided by ``off``'s at the same concurrency, from the
 same run.  The load is bench.compare's churn generator.
 
+The floor: ``floor-off`` is bench/peers/needsfloor.py (the least a Python
+server keeping forkserver's promises can do per connection) and
+``floor-both`` the same with Landlock and seccomp, each child making only
+the three calls, the ruleset and the BPF (the ``seccomp`` variant's,
+compiled by forkserver) built once in its parent: what the sandbox costs
+where nothing else does.  Their ratios are to ``floor-off``.  With
+``--variants off,both,floor-off,floor-both``, ``both``'s ratio beside
+``floor-both``'s says how much of the cost is the kernel's.
+
 ``--per-child N`` measures, in this process and without a server, what each
 step costs a child: N children each time the step alone and report it
 through a pipe (median); seccomp both ways, the parent's BPF loaded with one
@@ -37,7 +46,7 @@ from typing import Any
 from .build import cache_dir
 from .common import int_list, metadata, write_results
 from .compare import NO_COMPILER, Generator, _fmt, _round, columns, ratios, summarize
-from .servers import ServerSpec, forkserver_spec
+from .servers import ServerSpec, forkserver_spec, python_needs_spec
 
 # What a service that needs none of them would deny: kernel, namespace and
 # debugging interfaces an attacker in the handler would reach for.
@@ -59,6 +68,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "all": {**LANDLOCK, **SECCOMP, **NETWORK},
 }
 BASELINE = "off"
+# bench/peers/needsfloor.py without and with the same Landlock rule and
+# seccomp filter: "{bpf}" is the seccomp variant's program, as a file.
+FLOORS: dict[str, list[str]] = {
+    "floor-off": [],
+    "floor-both": ["--landlock-read", "/usr", "--seccomp", "{bpf}"],
+}
+FLOOR_BASELINE = "floor-off"
 
 
 def _toml(values: dict[str, Any]) -> str:
@@ -69,9 +85,20 @@ def _toml(values: dict[str, Any]) -> str:
 
 
 def specs(names: list[str], directory: Path, max_children: int, backlog: int) -> list[ServerSpec]:
-    """One forkserver per variant, its [sandbox] in a config file of its own."""
+    """One forkserver per variant, its [sandbox] in a config file of its own
+    (and the floors, bench/peers/needsfloor.py, with their options)."""
     out = []
+    bpf = directory / "seccomp.bpf"
     for name in names:
+        if name in FLOORS:
+            if not bpf.exists() and any("{bpf}" in a for a in FLOORS[name]):
+                from forkserver.sandbox.seccomp import Program
+
+                bpf.write_bytes(Program(tuple(DENY), (), kill=False).code)
+            base = python_needs_spec(backlog)
+            extra = [a.format(bpf=bpf) for a in FLOORS[name]]
+            out.append(dataclasses.replace(base, name=name, argv=[*base.argv, *extra]))
+            continue
         base = forkserver_spec(max_children, backlog)
         argv = list(base.argv)
         if VARIANTS[name]:
@@ -129,16 +156,19 @@ def per_child(n: int) -> dict[str, float]:
             rules.add_rule(pyseccomp.ERRNO(1), name)
         rules.load()
 
+    # As a child makes them: calls prepared in the parent (calls.run_prepared).
+    nnp = calls.prepare_no_new_privs()
+    restrict = landlock.prepare_restrict_self(ruleset)
+    load = program.prepared()
+
     def landlock_step() -> None:
-        calls.no_new_privs()
-        landlock.restrict_self(ruleset)
+        calls.run_prepared([nnp, restrict])
 
     def seccomp_step() -> None:
-        calls.no_new_privs()
-        program.load()
+        calls.run_prepared([nnp, load])
 
     steps: dict[str, Callable[[], None]] = {
-        "no_new_privs": calls.no_new_privs,
+        "no_new_privs": lambda: calls.run_prepared([nnp]),
         "landlock (no_new_privs + restrict_self)": landlock_step,
         "seccomp, parent's BPF (no_new_privs + prctl)": seccomp_step,
         "seccomp, seccomp_load in the child": libseccomp_in_child,
@@ -184,7 +214,9 @@ def table(result: dict[str, Any]) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench.sandbox", description=__doc__.split("\n", 1)[0])
     p.add_argument(
-        "--variants", default=",".join(VARIANTS), help=f"from: {', '.join(VARIANTS)} (all)"
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"from: {', '.join([*VARIANTS, *FLOORS])} (all but the floors)",
     )
     p.add_argument("--concurrency", type=int_list, default=[8], help="1,8,32 (8)")
     p.add_argument("--rounds", type=int, default=3, help="rounds, medians reported (3)")
@@ -209,18 +241,21 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
     if args.no_servers:
         return result
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if n not in VARIANTS and n not in FLOORS]
     if unknown:
-        raise ValueError(f"unknown variant {unknown[0]} (from: {', '.join(VARIANTS)})")
+        known = ", ".join([*VARIANTS, *FLOORS])
+        raise ValueError(f"unknown variant {unknown[0]} (from: {known})")
     if BASELINE not in names:
         names.insert(0, BASELINE)
+    if any(n in FLOORS for n in names) and FLOOR_BASELINE not in names:
+        names.append(FLOOR_BASELINE)
     load = Generator(prefer_c=args.generator == "c")
     if args.generator == "c" and load.binary is None:
         print(NO_COMPILER, file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="bench-sandbox-") as directory:
         servers = specs(names, Path(directory), args.max_children, args.backlog)
         result["settings"] = {
-            "variants": {n: VARIANTS[n] for n in names},
+            "variants": {n: VARIANTS.get(n) or FLOORS.get(n) for n in names},
             "concurrency": args.concurrency,
             "rounds": args.rounds,
             "duration": args.duration,
@@ -234,7 +269,11 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> dict[str
     for levels in result["summary"].values():
         for row in levels.values():
             row.pop("cdf_ms", None)
-    result["ratios"] = ratios(result["summary"], BASELINE)
+    summary = result["summary"]
+    result["ratios"] = ratios({n: v for n, v in summary.items() if n not in FLOORS}, BASELINE)
+    floors = {n: v for n, v in summary.items() if n in FLOORS}
+    if floors:
+        result["ratios"].update(ratios(floors, FLOOR_BASELINE))
     result["runs"] = [{k: v for k, v in r.items() if k != "cdf_ms"} for r in runs]
     return result
 

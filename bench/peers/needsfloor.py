@@ -21,6 +21,14 @@ else:
 No limits, no logging, no graceful stop (SIGTERM and SIGINT end the loop):
 what forkserver adds over this is what its features cost.  Prints the bound
 port (one line) once listening; serves until killed.
+
+``--landlock-read PATH`` and ``--seccomp BPF_FILE`` make it the floor of a
+sandboxed child (bench/sandbox.py): the parent builds the Landlock ruleset
+and reads the classic BPF once, and each child makes the three calls a
+sandbox needs and nothing else (prctl(PR_SET_NO_NEW_PRIVS),
+landlock_restrict_self, prctl(PR_SET_SECCOMP)), through the cheapest ctypes
+calls we know: one function object each, every argument converted in the
+parent.
 """
 
 import _signal
@@ -61,6 +69,48 @@ class Handler:
         pass
 
 
+# (function, args) for each sandbox call a child makes, prepared by sandbox().
+SANDBOX: list[tuple[object, tuple[object, ...]]] = []
+
+
+def sandbox(landlock_read: str | None, seccomp: str | None) -> None:
+    """Prepare the calls: what forkserver/sandbox/ does, at its barest."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    prctl, syscall = libc.prctl, libc.syscall
+    prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+    syscall.restype = ctypes.c_long
+    SANDBOX.append((prctl, (38, 1, 0, 0, 0)))  # PR_SET_NO_NEW_PRIVS
+    if landlock_read:
+        rights = (1 << 16) - 1  # every filesystem right of ABI 5+
+        attr = ctypes.c_uint64(rights)
+        ruleset = syscall(ctypes.c_long(444), ctypes.byref(attr), ctypes.c_size_t(8), 0)
+
+        class PathBeneath(ctypes.Structure):
+            _pack_ = 1
+            _fields_ = (("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32))
+
+        beneath = os.open(landlock_read, os.O_PATH | os.O_CLOEXEC)
+        rule = PathBeneath(1 | 4 | 8, beneath)  # execute, read files, read directories
+        if ruleset < 0 or syscall(ctypes.c_long(445), ruleset, 1, ctypes.byref(rule), 0):
+            raise OSError(ctypes.get_errno(), "landlock ruleset")
+        os.close(beneath)
+        SANDBOX.append((syscall, (ctypes.c_long(446), ruleset, 0)))  # landlock_restrict_self
+    if seccomp:
+        with open(seccomp, "rb") as f:
+            code = f.read()
+
+        class Fprog(ctypes.Structure):
+            _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+        buffer = ctypes.create_string_buffer(code, len(code))
+        fprog = Fprog(len(code) // 8, ctypes.addressof(buffer))
+        SANDBOX.append((prctl, (22, 2, ctypes.addressof(fprog), 0, 0)))  # PR_SET_SECCOMP
+        SANDBOX.append((None, (buffer, fprog)))  # kept alive
+    prctl(39, 0, 0, 0, 0)  # PR_GET_NO_NEW_PRIVS: the first call's set-up done here
+
+
 def child(closes: tuple[int, ...], fd: int, family: int, peer: object) -> None:
     """Serve *fd*; never returns into the parent's loop."""
     status = 1
@@ -71,6 +121,9 @@ def child(closes: tuple[int, ...], fd: int, family: int, peer: object) -> None:
         _signal.pthread_sigmask(_signal.SIG_UNBLOCK, HANDLED)
         for parent_fd in closes:
             os.close(parent_fd)
+        for function, args in SANDBOX:
+            if function is not None and function(*args) != 0:  # type: ignore[operator]
+                return
         conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
         try:
             Handler(conn, peer)
@@ -135,6 +188,8 @@ def main(argv: list[str]) -> None:
     _signal.set_wakeup_fd(w)
     for signum in HANDLED:
         _signal.signal(signum, lambda signum, frame: None)
+    if "--landlock-read" in opts or "--seccomp" in opts:
+        sandbox(opts.get("--landlock-read"), opts.get("--seccomp"))
     os.write(1, b"%d\n" % sock.getsockname()[1])
     gc.freeze()
     gc.disable()

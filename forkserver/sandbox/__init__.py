@@ -31,10 +31,9 @@ from . import calls
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from ..config import Settings
     from ..config.sandbox import Sandbox
+    from .calls import Prepared
     from .seccomp import Program
 
 __all__ = ["Prebuilt", "SandboxedLimits"]
@@ -48,9 +47,6 @@ class Prebuilt:
     def __init__(self, sandbox: Sandbox, label: str = "each connection") -> None:
         self.network_none = sandbox.network == "none"
         self.ruleset = -1
-        # Bound here: an import statement run in each child would walk (and
-        # copy the pages of) the import machinery.
-        self._restrict_self: Callable[[int], None] | None = None
         self.program: Program | None = None
         said: list[str] = []
         if sandbox.landlock != "off":
@@ -61,7 +57,6 @@ class Prebuilt:
                 logger.warning("sandbox: this kernel has no Landlock; filesystem rules not applied")
             else:
                 self.ruleset = landlock.build(sandbox.read, sandbox.read_write, version)
-                self._restrict_self = landlock.restrict_self
                 lost = landlock.lost_rights(version)
                 said.append(f"landlock ABI {version}")
                 if lost:
@@ -85,17 +80,25 @@ class Prebuilt:
         )
         if self.no_new_privs:
             said.append("no_new_privs")
+        # What a child calls, in order, every argument converted here: an
+        # import, a wrapper or a conversion run in each child would copy the
+        # pages it touches (calls.run_prepared).
+        self._calls: list[Prepared] = []
+        if self.no_new_privs:
+            self._calls.append(calls.prepare_no_new_privs())
+        if self.ruleset >= 0:
+            from .landlock import prepare_restrict_self
+
+            self._calls.append(prepare_restrict_self(self.ruleset))
+        if self.program is not None:
+            self._calls.append(self.program.prepared())
         logger.info("sandbox for %s: %s", label, ", ".join(said) or "nothing applies")
 
     def apply(self) -> None:
         """In the child, after the user drop: steps 3-5 (raises OSError)."""
-        if self.no_new_privs:
-            calls.no_new_privs()
-        if self._restrict_self is not None and self.ruleset >= 0:
-            self._restrict_self(self.ruleset)
+        calls.run_prepared(self._calls)
+        if self.ruleset >= 0:
             os.close(self.ruleset)  # the handler has no use for it
-        if self.program is not None:
-            self.program.load()
 
     def enter(self) -> None:
         """A listener's sandbox, in the child just before its handler: all of it

@@ -18,9 +18,15 @@ from __future__ import annotations
 import ctypes
 import os
 
-from .calls import syscall
+from .calls import prepare_syscall, syscall
 
-__all__ = ["READ", "READ_WRITE", "abi", "build", "lost_rights", "restrict_self"]
+__all__ = [
+    "READ", "READ_WRITE", "abi", "build", "lost_rights", "prepare_restrict_self", "restrict_self",
+]  # fmt: skip
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .calls import Prepared
 
 # The system call numbers are the same on every architecture (asm-generic).
 SYS_CREATE_RULESET, SYS_ADD_RULE, SYS_RESTRICT_SELF = 444, 445, 446
@@ -86,6 +92,11 @@ def build(read: tuple[str, ...], read_write: tuple[str, ...], version: int) -> i
         os.close(fd)
         raise
     return fd
+
+
+def prepare_restrict_self(fd: int) -> Prepared:
+    """:func:`restrict_self` on *fd*, as a call a child runs (calls.run_prepared)."""
+    return prepare_syscall("landlock_restrict_self", SYS_RESTRICT_SELF, fd, 0)
 
 
 def restrict_self(fd: int) -> None:

@@ -15,9 +15,13 @@ import ctypes
 import errno
 import os
 
-from .calls import prctl
+from .calls import prctl, prepare_prctl
 
 __all__ = ["Program", "missing", "unknown_names"]
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .calls import Prepared
 
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
@@ -112,6 +116,12 @@ class Program:
     @property
     def instructions(self) -> int:
         return len(self.code) // BPF_INSTRUCTION
+
+    def prepared(self) -> Prepared:
+        """:meth:`load`, as a call a child runs (calls.run_prepared)."""
+        return prepare_prctl(
+            "PR_SET_SECCOMP", PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(self._fprog)
+        )
 
     def load(self) -> None:
         """Install the filter on this process (needs no_new_privs or CAP_SYS_ADMIN)."""
