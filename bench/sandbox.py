@@ -202,8 +202,10 @@ def table(result: dict[str, Any]) -> str:
                         str(row["errors_total"]),
                     ]
                 )
-        head = ["sandbox", "c", "conn/s", "p50 ms", "conn/s ÷ off", "p50 ÷ off", "child us", "err"]
+        head = ["sandbox", "c", "conn/s", "p50 ms", "conn/s ÷ base", "p50 ÷ base"]
+        head += ["child us", "err"]
         lines += columns(head, rows, text_columns=1)
+        lines.append("base: off, and floor-off for the floors")
     costs = result.get("per_child_us")
     if costs:
         lines += ["", "per child, each step as timed in the child (median us):"]

@@ -347,6 +347,41 @@ def test_accounting(out_dir: Path) -> None:
         assert run["parent_faults_per_conn"] > 0  # every fork costs the parent faults
 
 
+def _sandbox_missing() -> str | None:
+    from forkserver.sandbox import landlock
+    from forkserver.sandbox.seccomp import missing
+
+    return missing() or (None if landlock.abi() else "this kernel has no Landlock")
+
+
+@pytest.mark.timeout(120)
+def test_sandbox_with_the_floors(out_dir: Path) -> None:
+    """Every variant kind serves: forkserver with a [sandbox] and the needs
+    floor with the same Landlock rule and seccomp filter, each against its own
+    baseline."""
+    why = _sandbox_missing()
+    if why:
+        pytest.skip(why)
+    result = run_bench(
+        "-m", "bench.sandbox", "--variants", "both,floor-both", "--rounds", "1",
+        "--duration", "0.5", "--warmup", "0.2", "--concurrency", "1", "--per-child", "0",
+        "--out", str(out_dir),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads((out_dir / "sandbox-latest.json").read_text())
+    assert set(data["summary"]) == {"off", "both", "floor-off", "floor-both"}
+    for name, levels in data["summary"].items():
+        assert levels["1"]["errors_total"] == 0, name
+        assert levels["1"]["conn_per_s"] > 0, name
+    # Each ratio is to its own baseline: forkserver's to off, the floor's to floor-off.
+    assert data["ratios"]["off"]["1"]["conn_per_s"] == 1.0
+    assert data["ratios"]["floor-off"]["1"]["conn_per_s"] == 1.0
+    assert data["ratios"]["floor-both"]["1"]["conn_per_s"] == pytest.approx(
+        data["summary"]["floor-both"]["1"]["conn_per_s"]
+        / data["summary"]["floor-off"]["1"]["conn_per_s"]
+    )
+
+
 _pycache = shutil.ignore_patterns("__pycache__")
 
 
