@@ -2,7 +2,8 @@
 refill, UDP handed to spares.
 
 An idle parent sleeps after a burst; a child killed while another exits is
-reaped with it; children adopted across a reload are reaped; a threaded
+reaped with it; past 256 children the pidfds move above 1024 and
+connections keep numbers select() accepts; children adopted across a reload are reaped; a threaded
 Server's children keep their statuses, and so do the processes a program
 embedding a Server starts itself; an empty datagram to a spare leaves the
 UDP listener alone.
@@ -11,6 +12,7 @@ UDP listener alone.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -23,8 +25,8 @@ import psutil
 import pytest
 
 from forkserver.testing.process import READY
-from tests.helpers.clients import connect, echo_roundtrip, recv_to_eof
-from tests.helpers.processes import child_pids, live_children, zombie_children
+from tests.helpers.clients import connect, echo_roundtrip, recv_to_eof, recv_until
+from tests.helpers.processes import child_pids, children_gone, live_children, zombie_children
 from tests.helpers.servers import ROOT, StartServer, config, wait_until
 from tests.helpers.transports import listen, server_table, udp_at, udp_client
 
@@ -50,6 +52,47 @@ def test_idle_parent_uses_no_cpu_after_a_burst_with_spares(start_server: StartSe
     assert after - before < 0.02, f"an idle parent used {after - before:.3f}s of CPU in 2s"
     assert not zombie_children(server)
     assert len(live_children(server)) == 4  # the spares, refilled
+
+
+def _pidfds(pid: int) -> list[int]:
+    fds = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{name}") == "anon_inode:[pidfd]":
+                fds.append(int(name))
+        except OSError:
+            continue  # closed meanwhile
+    return fds
+
+
+@pytest.mark.timeout(60)
+def test_past_256_children_pidfds_move_up_and_connections_keep_low_numbers(
+    start_server: StartServer,
+) -> None:
+    """The first pidfds keep low numbers (no fcntl per connection); past 256,
+    they go to 1024 and up, so no connection gets a number select() refuses."""
+    held_open = 300
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 1024 + 400 + 64 + held_open:
+        pytest.skip("the hard RLIMIT_NOFILE leaves no room above 1024 for the pidfds")
+    server = start_server(config("tests.helpers.services:fd_then_wait", max_children=400))
+    clients = []
+    try:
+        numbers = []
+        for _ in range(held_open):
+            sock = socket.create_connection(server.tcp_address, timeout=20)
+            clients.append(sock)
+            numbers.append(int(recv_until(sock, b"\n")))
+        assert max(numbers) < 1024, f"a connection got descriptor {max(numbers)}"
+        pidfds = _pidfds(server.pid)
+        assert len(pidfds) == held_open
+        assert sum(fd < 256 for fd in pidfds) > 200  # left where pidfd_open() put them
+        assert sum(fd >= 1024 for fd in pidfds) > 0  # moved up past 256
+        assert not any(256 <= fd < 1024 for fd in pidfds)
+    finally:
+        for sock in clients:
+            sock.close()
+    children_gone(server)
+    assert not _pidfds(server.pid)
 
 
 @pytest.mark.timeout(30)

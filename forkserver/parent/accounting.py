@@ -6,8 +6,9 @@ system call: CPU user and system
 time and peak RSS (``ru_maxrss``, KiB on Linux), its waited-for
 descendants included.  From it:
 
-* :class:`Deaths` says in words why a child died of a signal: the CPU
-  limit, the seccomp filter, max_lifetime, the OOM killer, a crash;
+* :func:`describe_status` says how a process ended ("exit status 3",
+  "killed by SIGKILL"), and :class:`Deaths` why a child died of a signal:
+  the CPU limit, the seccomp filter, max_lifetime, the OOM killer, a crash;
 * :class:`Costs` keeps three histograms as bucket counters, updated at each
   reap with a few integer operations (only with a metrics listener); a
   scrape child reads them from its copy of the parent's memory.  They cost
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
     from .children import Child
 
-__all__ = ["Costs", "Deaths", "Histogram"]
+__all__ = ["Costs", "Deaths", "Histogram", "describe_status"]
 
 # Signals whose cause is known from the signal alone.
 _REASONS: dict[int, str] = {
@@ -56,6 +57,19 @@ def _oom_kills() -> int:
     except (OSError, ValueError):
         pass
     return -1
+
+
+def describe_status(status: int) -> str:
+    """'exit status 3' or 'killed by SIGKILL' for a raw waitpid status."""
+    code = os.waitstatus_to_exitcode(status)
+    if code >= 0:
+        return f"exit status {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    core = " (core dumped)" if os.WCOREDUMP(status) else ""
+    return f"killed by {name}{core}"
 
 
 class Deaths:

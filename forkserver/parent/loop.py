@@ -41,6 +41,13 @@ class Loop:
     def __init__(self) -> None:
         self._epoll = select.epoll()  # close-on-exec
         self._callbacks: dict[int, Callable[[int], None]] = {}
+        # add_reader() and remove_reader() in pieces, for the one caller that
+        # runs them for every connection (children.py) and must not pay two
+        # Python calls for it (each cost the parent 2 copy-on-write faults
+        # per connection: its function and code objects' reference counts).
+        self.register = self._epoll.register
+        self.unregister = self._epoll.unregister
+        self.callbacks = self._callbacks
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = 0  # ties on the heap break by order of scheduling
         self._cancelled = 0

@@ -47,8 +47,9 @@ __all__ = ["Parent"]
 logger = log.get_logger(__name__)
 
 FD_RESERVE = 64  # descriptors beyond one pidfd per child: listeners, logs, the handler's own
-# Pidfds go at this number or above, when the limit allows: connections keep
-# the numbers below, which select() accepts (children.py).
+# Pidfds that would take a number from 256 up go at this number or above,
+# when the limit allows: connections keep the numbers below, which select()
+# accepts (children.py).
 PIDFD_FLOOR = 1024
 
 

@@ -285,3 +285,11 @@ def costly(conn: socket.socket, addr: Any) -> None:
     conn.sendall(f"{os.getpid()}\n".encode())
     while conn.recv(4096):
         pass
+
+
+def fd_then_wait(conn: socket.socket, addr: Any) -> None:
+    """Replies its connection's descriptor number, then waits (60 s at most) for EOF."""
+    conn.sendall(f"{conn.fileno()}\n".encode())
+    conn.settimeout(60)
+    while conn.recv(4096):
+        pass
