@@ -16,7 +16,9 @@ else:
   listener and the epoll fd, serves a ``socket.socket`` object through a
   socketserver-style handler instance (``setup``/``handle``/``finish``),
   shuts down and closes the connection, flushes stdio and leaves with
-  ``os._exit``.
+  ``os._exit``;
+- and, as forkserver does, the parent runs that path a few times before
+  the first fork, so that the children inherit it warm (``warm``).
 
 No limits, no logging, no graceful stop (SIGTERM and SIGINT end the loop):
 what forkserver adds over this is what its features cost.  Prints the bound
@@ -140,6 +142,27 @@ def child(closes: tuple[int, ...], fd: int, family: int, peer: object) -> None:
         os._exit(status)
 
 
+def warm(family: int) -> None:
+    """Run the child's path a few times in the parent, on a socketpair whose
+    other end is shut (the handler sees EOF at once), as forkserver's
+    child/warm.py does: CPython rewrites bytecode with specialized
+    instructions on its first runs and fills its type caches, and done here,
+    every child inherits that instead of writing (so copying) those pages."""
+    a, b = socket.socketpair()
+    with a, b:
+        b.shutdown(socket.SHUT_WR)
+        for _ in range(3):
+            conn = socket.socket(family, socket.SOCK_STREAM, 0, os.dup(a.fileno()))
+            try:
+                Handler(conn, None)
+            finally:
+                try:
+                    conn.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                conn.close()
+
+
 def serve(sock: socket.socket, wakeup: int) -> None:
     ep = select.epoll()
     listener = sock.fileno()
@@ -190,6 +213,7 @@ def main(argv: list[str]) -> None:
         _signal.signal(signum, lambda signum, frame: None)
     if "--landlock-read" in opts or "--seccomp" in opts:
         sandbox(opts.get("--landlock-read"), opts.get("--seccomp"))
+    warm(sock.family)
     os.write(1, b"%d\n" % sock.getsockname()[1])
     gc.freeze()
     gc.disable()

@@ -14,7 +14,9 @@ the cheapest way we know, in one file:
   busy pipe (the parent must know who serves whom, and replace it), closes
   the listener and the pipe, serves a ``socket.socket`` through a
   socketserver-style handler instance, flushes stdio and leaves;
-- the parent forks a replacement for each busy record.
+- the parent forks a replacement for each busy record;
+- the parent runs the child's path a few times before the first fork
+  (needsfloor.py's ``warm``).
 
 No limits, no logging, no graceful stop (SIGTERM and SIGINT end the loop).
 Prints the bound port (one line) once listening; serves until killed.
@@ -30,7 +32,7 @@ import sys
 
 # Its sibling, for the same handler and signals (-S -E -s, not -I: -I would
 # leave this directory off sys.path).
-from needsfloor import HANDLED, STOP, Handler  # type: ignore[import-not-found]
+from needsfloor import HANDLED, STOP, Handler, warm  # type: ignore[import-not-found]
 
 
 def spare(closes: tuple[int, ...], listener: socket.socket, busy: int) -> None:
@@ -110,6 +112,7 @@ def main(argv: list[str]) -> None:
     _signal.set_wakeup_fd(w)
     for signum in HANDLED:
         signal.signal(signum, lambda signum, frame: None)
+    warm(sock.family)  # the child's path, as in needsfloor.py
     os.write(1, b"%d\n" % sock.getsockname()[1])
     gc.freeze()
     gc.disable()
