@@ -369,13 +369,13 @@ def _truncate_under(version: int, directory: Path, victim: Path) -> str:
     from forkserver.sandbox import calls, landlock
 
     ruleset = landlock.build((str(directory),), (), version)
+    confine = [calls.prepare_no_new_privs(), landlock.prepare_restrict_self(ruleset)]
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         outcome = b"allowed"
         try:
-            calls.no_new_privs()
-            landlock.restrict_self(ruleset)
+            calls.run_prepared(confine)
             os.truncate(victim, 0)
         except PermissionError:
             outcome = b"EACCES"

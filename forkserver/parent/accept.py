@@ -232,7 +232,7 @@ class Acceptor:
         """Fork a child for *fd*; False if fork() failed (now, or within the backoff)."""
         if self._fork_retry_at and time.monotonic() < self._fork_retry_at:
             return False  # fork() failed a moment ago; one attribute on the default path
-        closes = self._forker.kept or self._forker.closes()  # kept: no call, as a rule
+        closes = self._forker.closes()
         try:
             pid = self._forker.fork()
         except OSError as exc:

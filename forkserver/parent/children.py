@@ -17,14 +17,8 @@ The parent never blocks in a wait.  Normal exits are silent; non-zero
 statuses and deaths by signal are logged with pid, peer, how long the child
 lived, and for a signal why in words (accounting.py).
 
-A pidfd is an fd in the parent per live child: the parent raises its soft
-RLIMIT_NOFILE to make room (parent.py).  A pidfd numbered LOW_PIDFDS or more
-is moved to ``fd_floor`` (1024) or more, so that accepted connections, which
-take the lowest free number, keep numbers that select() accepts however
-many children are alive.  Moving every pidfd cost 8 copy-on-write faults
-per connection in the parent (67.5 against 75.4: 3 x 1,000 one-client
-connections, /proc/PID/stat) and a larger descriptor table to copy at each
-fork.  Children
+A pidfd is an fd in the parent per live child; where its number goes, and
+the open-files limit that makes room for them, are pidfds.py's.  Children
 inherit their siblings' pidfds, which are close-on-exec and grant nothing a
 pid does not; closing them in each child would cost O(children) per
 connection.
@@ -35,11 +29,11 @@ from __future__ import annotations
 import os
 import signal
 import time
-from fcntl import F_DUPFD_CLOEXEC, fcntl
 from select import EPOLLIN
 
 from .. import log
 from ..addresses import format_address
+from . import pidfds
 from .accounting import Costs, Deaths, describe_status
 
 TYPE_CHECKING = False
@@ -50,14 +44,11 @@ if TYPE_CHECKING:
 
     from .loop import Loop, Timer
 
-__all__ = ["Child", "ChildTable", "describe_status"]  # describe_status: from accounting.py
+__all__ = ["Child", "ChildTable"]
 
 logger = log.get_logger(__name__)
 
 RETRY_WATCH = 0.1  # seconds: how often a child with no pidfd (none could be opened) is polled
-# Pidfds below this number stay (with fewer than ~250 children alive); above
-# it, they move to fd_floor and up.  256: Python caches the ints below it.
-LOW_PIDFDS = 256
 
 
 class Child:
@@ -114,7 +105,7 @@ class ChildTable:
         # pid -> on_exit, or None for a child in the table.
         self._unwatched: dict[int, Callable[[int], None] | None] = {}
         self._poll_timer: Timer | None = None
-        self.fd_floor = 0  # move pidfds to this number or above (0: leave them)
+        self.fd_floor = 0  # pidfds.make_room()'s: move high pidfds there (0: leave them)
         self.exited_ok = 0
         self.exited_error = 0
         self.exited_signal = 0
@@ -157,8 +148,8 @@ class ChildTable:
         except OSError as exc:
             self._poll(pid, None, exc)
             return child
-        if pidfd >= LOW_PIDFDS:
-            pidfd = self._higher(pidfd)
+        if pidfd >= pidfds.LOW:
+            pidfd = pidfds.higher(pidfd, self.fd_floor)
         child.pidfd = pidfd
         self._by_pidfd[pidfd] = child
         self._register(pidfd, EPOLLIN)  # Loop.add_reader(), inline
@@ -172,31 +163,16 @@ class ChildTable:
         except OSError as exc:
             self._poll(pid, on_exit, exc)
             return
-        if pidfd >= LOW_PIDFDS:
-            pidfd = self._higher(pidfd)
+        if pidfd >= pidfds.LOW:
+            pidfd = pidfds.higher(pidfd, self.fd_floor)
         self._watched[pidfd] = (pid, on_exit)
         self._loop.add_reader(pidfd, self._reap_watched)
-
-    def _higher(self, pidfd: int) -> int:
-        """*pidfd* moved to fd_floor or above, if there is room (and a floor)."""
-        if pidfd >= self.fd_floor:
-            return pidfd
-        try:
-            high = fcntl(pidfd, F_DUPFD_CLOEXEC, self.fd_floor)
-        except OSError:
-            return pidfd  # no room up there: a low number will do
-        os.close(pidfd)
-        return high
 
     def watching(self, pid: int) -> bool:
         return any(p == pid for p, _ in self._watched.values()) or pid in self._unwatched
 
     def _reap(self, pidfd: int) -> None:
-        """The pidfd of a child became readable: it has exited.
-
-        One function for the common case (a clean exit, nothing to cancel):
-        each Python call on this path cost the parent 2 copy-on-write faults
-        per connection (its function and code objects' reference counts)."""
+        """The pidfd of a child became readable: it has exited."""
         if self.before_reap is not None:
             self.before_reap()
         child = self._by_pidfd.pop(pidfd)
@@ -205,15 +181,11 @@ class ChildTable:
         os.close(pidfd)
         pid = child.pid
         got, status, usage = self._wait_exited(pid)
-        if not got:
+        if got:
+            self._collect(child, status, usage)
+        else:
             self._unwatched[pid] = None
             self._poll_later()
-        elif status or usage is not None or child.lifetime is not None or self._sent:
-            self._collect(child, status, usage)
-        else:  # _collect's default case
-            del self._children[pid]
-            self.exited_ok += 1
-            self.on_exit(child)
 
     def _reap_watched(self, pidfd: int) -> None:
         pid, on_exit = self._watched.pop(pidfd)

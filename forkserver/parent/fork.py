@@ -42,11 +42,8 @@ class Forker:
         self.signals: tuple[int, ...] = ()
         self._private: list[Callable[[], Iterable[int]]] = []
         self._shared: list[Callable[[], Iterable[int]]] = []
-        # What closes() returns while it is still valid, else None (always
-        # None when checking): the accept path reads it without a call.
-        self.kept: tuple[int, ...] | None = None
+        self._closes: tuple[int, ...] | None = None
         self._spare_closes: tuple[int, ...] | None = None
-        self._last: tuple[int, ...] | None = None  # the list computed last, until changed()
         self._check = bool(os.environ.get(CHECK_ENV))
 
     def parent_only(self, source: Callable[[], Iterable[int]]) -> None:
@@ -62,19 +59,16 @@ class Forker:
 
     def changed(self) -> None:
         """Some source holds other fds now: recompute before the next fork."""
-        self.kept = self._spare_closes = self._last = None
+        self._closes = self._spare_closes = None
 
     def closes(self) -> tuple[int, ...]:
         """In the parent, before fork: every fd a child forked on accept (or
         a scrape child) must close."""
-        kept = self.kept
-        if kept is None or self._check:
+        if self._closes is None or self._check:
             live = tuple(fd for source in (*self._private, *self._shared) for fd in source())
-            self._verify(self._last, live)
-            self._last = kept = live
-            if not self._check:
-                self.kept = live
-        return kept
+            self._verify(self._closes, live)
+            self._closes = live
+        return self._closes
 
     def spare_closes(self, keeps: Callable[[], set[int]]) -> tuple[int, ...]:
         """In the parent, before forking a spare: the parent-only fds except

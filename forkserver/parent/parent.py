@@ -19,10 +19,10 @@ from ..admission import Admission
 from ..child.limits import ChildLimits
 from ..child.stream import access_line
 from ..child.warm import warm_up
-from . import threads
+from . import pidfds, threads
 from .accept import Acceptor
-from .accounting import Costs
-from .children import ChildTable, describe_status
+from .accounting import Costs, describe_status
+from .children import ChildTable
 from .fork import Forker
 from .loop import Loop
 from .reload import Reloader
@@ -45,12 +45,6 @@ if TYPE_CHECKING:
 __all__ = ["Parent"]
 
 logger = log.get_logger(__name__)
-
-FD_RESERVE = 64  # descriptors beyond one pidfd per child: listeners, logs, the handler's own
-# Pidfds that would take a number from 256 up go at this number or above,
-# when the limit allows: connections keep the numbers below, which select()
-# accepts (children.py).
-PIDFD_FLOOR = 1024
 
 
 class Parent:
@@ -181,7 +175,7 @@ class Parent:
             actions = {int(signum): getattr(self, "handle_" + a) for signum, a in SIGNALS.items()}
             loop.add_reader(pipe.rfd, lambda _fd: pipe.dispatch(actions, self.woken))
             threads.check()  # once, before the first fork: other threads are a hazard
-            self._make_room_for_pidfds()
+            self.children.fd_floor = pidfds.make_room(self.settings.max_children)
             if self.spares is not None:
                 self.spares.start(listeners, services, not self.admission.enabled)
             acceptor.start(listeners)
@@ -257,22 +251,6 @@ class Parent:
             # A slot is free, and an exiting child may have freed processes
             # (fork's EAGAIN): replace the spares now.
             self.spares.refill_now()
-
-    def _make_room_for_pidfds(self) -> None:
-        """Each child is watched through a pidfd, kept at PIDFD_FLOOR or above:
-        raise the soft RLIMIT_NOFILE (within the hard limit) to fit
-        max_children of them there."""
-        import resource
-
-        need = PIDFD_FLOOR + self.settings.max_children + FD_RESERVE
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != resource.RLIM_INFINITY and soft < need:
-            raised = need if hard == resource.RLIM_INFINITY else min(need, hard)
-            if raised > soft:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
-                soft = raised
-        fits = soft == resource.RLIM_INFINITY or soft >= need
-        self.children.fd_floor = PIDFD_FLOOR if fits else 0
 
     def _start_scraper(self, listener: Listener, answer: Callable[[Socket, Any], None]) -> None:
         from .scrape import Scraper

@@ -23,7 +23,7 @@ import time
 from .. import log, systemd
 from ..addresses import format_address
 from ..handover import INHERIT_ENV, discard, handover_env
-from .children import describe_status
+from .accounting import describe_status
 from .signals import HANDLED_SIGNALS
 
 TYPE_CHECKING = False

@@ -14,7 +14,7 @@ from .. import log
 from ..child.start import become
 from ..child.stream import serve
 from ..listeners import SKIPPED_ACCEPT_ERRNOS
-from .children import describe_status
+from .accounting import describe_status
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ from ..child.spare import wait_and_serve
 from ..child.start import become
 from ..handoff import BUSY_RECORD, decode_busy, encode_peer, message_size, reclaim
 from ..listeners import BACKOFF_SECONDS
-from .children import describe_status
+from .accounting import describe_status
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

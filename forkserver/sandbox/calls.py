@@ -10,8 +10,8 @@ import ctypes
 import os
 
 __all__ = [
-    "CLONE_NEWNET", "has_capability", "leave_network", "no_new_privs",
-    "prctl", "prepare_no_new_privs", "prepare_prctl", "prepare_syscall", "run_prepared", "syscall",
+    "CLONE_NEWNET", "has_capability", "leave_network", "prepare_no_new_privs",
+    "prepare_prctl", "prepare_syscall", "run_prepared", "syscall",
 ]  # fmt: skip
 
 PR_SET_NO_NEW_PRIVS = 38
@@ -57,7 +57,8 @@ def prepare_syscall(name: str, number: int, *args: object) -> Prepared:
 
 
 def prepare_no_new_privs() -> Prepared:
-    """:func:`no_new_privs`, as a call a child runs."""
+    """prctl(PR_SET_NO_NEW_PRIVS), as a call a child runs: no exec() from then on
+    can gain privileges (setuid bits, file capabilities)."""
     return prepare_prctl("PR_SET_NO_NEW_PRIVS", PR_SET_NO_NEW_PRIVS, 1)
 
 
@@ -80,17 +81,6 @@ def syscall(number: int, *args: object) -> int:
     if result == -1:
         raise _failed(f"syscall {number}")
     return result
-
-
-def prctl(option: int, arg2: int = 0, arg3: int = 0) -> None:
-    """prctl(*option*, ...); raises OSError."""
-    if _libc.prctl(option, arg2, arg3, 0, 0) == -1:
-        raise _failed(f"prctl({option})")
-
-
-def no_new_privs() -> None:
-    """No exec() from here on can gain privileges (setuid bits, file capabilities)."""
-    prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
 def leave_network() -> None:

@@ -21,7 +21,7 @@ import os
 from .calls import prepare_syscall, syscall
 
 __all__ = [
-    "READ", "READ_WRITE", "abi", "build", "lost_rights", "prepare_restrict_self", "restrict_self",
+    "READ", "READ_WRITE", "abi", "build", "lost_rights", "prepare_restrict_self",
 ]  # fmt: skip
 
 TYPE_CHECKING = False
@@ -95,11 +95,7 @@ def build(read: tuple[str, ...], read_write: tuple[str, ...], version: int) -> i
 
 
 def prepare_restrict_self(fd: int) -> Prepared:
-    """:func:`restrict_self` on *fd*, as a call a child runs (calls.run_prepared)."""
-    return prepare_syscall("landlock_restrict_self", SYS_RESTRICT_SELF, fd, 0)
-
-
-def restrict_self(fd: int) -> None:
-    """Confine this process (and what it forks or execs) to the ruleset *fd*.
+    """landlock_restrict_self(*fd*), as a call a child runs (calls.run_prepared):
+    confines that process, and what it forks or execs, to the ruleset *fd*.
     Needs no_new_privs first (or CAP_SYS_ADMIN)."""
-    syscall(SYS_RESTRICT_SELF, fd, 0)
+    return prepare_syscall("landlock_restrict_self", SYS_RESTRICT_SELF, fd, 0)

@@ -15,7 +15,7 @@ import ctypes
 import errno
 import os
 
-from .calls import prctl, prepare_prctl
+from .calls import prepare_prctl
 
 __all__ = ["Program", "missing", "unknown_names"]
 
@@ -105,7 +105,8 @@ def _compiled(deny: tuple[str, ...], allow: tuple[str, ...], kill: bool) -> byte
 
 
 class Program:
-    """A filter compiled to BPF in the parent; ``load()`` in the child."""
+    """A filter compiled to BPF in the parent; ``prepared()`` is the call that
+    installs it in a child (needs no_new_privs or CAP_SYS_ADMIN)."""
 
     def __init__(self, deny: tuple[str, ...], allow: tuple[str, ...], kill: bool) -> None:
         self.code = _compiled(deny, allow, kill)
@@ -118,11 +119,7 @@ class Program:
         return len(self.code) // BPF_INSTRUCTION
 
     def prepared(self) -> Prepared:
-        """:meth:`load`, as a call a child runs (calls.run_prepared)."""
+        """prctl(PR_SET_SECCOMP) with this filter, as a call a child runs (calls.run_prepared)."""
         return prepare_prctl(
             "PR_SET_SECCOMP", PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(self._fprog)
         )
-
-    def load(self) -> None:
-        """Install the filter on this process (needs no_new_privs or CAP_SYS_ADMIN)."""
-        prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(self._fprog))
