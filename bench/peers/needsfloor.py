@@ -41,6 +41,10 @@ import signal
 import socket
 import sys
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 BUFSIZE = 65536  # as forkserver.examples.echo
 # Plain ints: the calls go through _signal (signal.py wraps results in enums).
 STOP = {int(signal.SIGTERM), int(signal.SIGINT)}
@@ -71,8 +75,10 @@ class Handler:
         pass
 
 
-# (function, args) for each sandbox call a child makes, prepared by sandbox().
-SANDBOX: list[tuple[object, tuple[object, ...]]] = []
+# (function, args) for each sandbox call a child makes, prepared by sandbox(),
+# and the ctypes objects their arguments point into, kept alive.
+SANDBOX: "list[tuple[Any, tuple[object, ...]]]" = []
+_KEPT: list[object] = []
 
 
 def sandbox(landlock_read: str | None, seccomp: str | None) -> None:
@@ -109,8 +115,21 @@ def sandbox(landlock_read: str | None, seccomp: str | None) -> None:
         buffer = ctypes.create_string_buffer(code, len(code))
         fprog = Fprog(len(code) // 8, ctypes.addressof(buffer))
         SANDBOX.append((prctl, (22, 2, ctypes.addressof(fprog), 0, 0)))  # PR_SET_SECCOMP
-        SANDBOX.append((None, (buffer, fprog)))  # kept alive
+        _KEPT.extend((buffer, fprog))
     prctl(39, 0, 0, 0, 0)  # PR_GET_NO_NEW_PRIVS: the first call's set-up done here
+
+
+def serve_connection(family: int, fd: int, peer: object) -> None:
+    """The handler on connection *fd*, then shutdown and close."""
+    conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+    try:
+        Handler(conn, peer)
+    finally:
+        try:
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        conn.close()
 
 
 def child(closes: tuple[int, ...], fd: int, family: int, peer: object) -> None:
@@ -124,17 +143,9 @@ def child(closes: tuple[int, ...], fd: int, family: int, peer: object) -> None:
         for parent_fd in closes:
             os.close(parent_fd)
         for function, args in SANDBOX:
-            if function is not None and function(*args) != 0:  # type: ignore[operator]
+            if function(*args) != 0:
                 return
-        conn = socket.socket(family, socket.SOCK_STREAM, 0, fd)
-        try:
-            Handler(conn, peer)
-        finally:
-            try:
-                conn.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-            conn.close()
+        serve_connection(family, fd, peer)
         status = 0
     finally:
         sys.stdout.flush()
@@ -152,15 +163,7 @@ def warm(family: int) -> None:
     with a, b:
         b.shutdown(socket.SHUT_WR)
         for _ in range(3):
-            conn = socket.socket(family, socket.SOCK_STREAM, 0, os.dup(a.fileno()))
-            try:
-                Handler(conn, None)
-            finally:
-                try:
-                    conn.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-                conn.close()
+            serve_connection(family, os.dup(a.fileno()), None)
 
 
 def serve(sock: socket.socket, wakeup: int) -> None:
@@ -199,18 +202,25 @@ def serve(sock: socket.socket, wakeup: int) -> None:
                 waitpid(pid, 0)
 
 
-def main(argv: list[str]) -> None:
-    opts = dict(zip(argv[0::2], argv[1::2], strict=False))
+def listening(opts: dict[str, str]) -> tuple[socket.socket, int]:
+    """The bound listener (--host, --port, --backlog), and the read end of the
+    signals' wakeup pipe, with HANDLED caught."""
     host = opts.get("--host", "127.0.0.1")
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, int(opts.get("--port", "0"))))
     sock.listen(int(opts.get("--backlog", "128")))
-    sock.setblocking(False)
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     _signal.set_wakeup_fd(w)
     for signum in HANDLED:
         _signal.signal(signum, lambda signum, frame: None)
+    return sock, r
+
+
+def main(argv: list[str]) -> None:
+    opts = dict(zip(argv[0::2], argv[1::2], strict=False))
+    sock, r = listening(opts)
+    sock.setblocking(False)
     if "--landlock-read" in opts or "--seccomp" in opts:
         sandbox(opts.get("--landlock-read"), opts.get("--seccomp"))
     warm(sock.family)

@@ -26,13 +26,18 @@ import _signal
 import gc
 import os
 import select
-import signal
 import socket
 import sys
 
 # Its sibling, for the same handler and signals (-S -E -s, not -I: -I would
 # leave this directory off sys.path).
-from needsfloor import HANDLED, STOP, Handler, warm  # type: ignore[import-not-found]
+from needsfloor import (  # type: ignore[import-not-found]
+    HANDLED,
+    STOP,
+    listening,
+    serve_connection,
+    warm,
+)
 
 
 def spare(closes: tuple[int, ...], listener: socket.socket, busy: int) -> None:
@@ -49,15 +54,7 @@ def spare(closes: tuple[int, ...], listener: socket.socket, busy: int) -> None:
         os.write(busy, os.getpid().to_bytes(4, sys.byteorder))
         os.close(busy)
         listener.close()
-        conn = socket.socket(listener.family, socket.SOCK_STREAM, 0, fd)
-        try:
-            Handler(conn, peer)
-        finally:
-            try:
-                conn.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-            conn.close()
+        serve_connection(listener.family, fd, peer)
         status = 0
     finally:
         sys.stdout.flush()
@@ -103,15 +100,7 @@ def serve(sock: socket.socket, wakeup: int, spares: int) -> None:
 
 def main(argv: list[str]) -> None:
     opts = dict(zip(argv[0::2], argv[1::2], strict=False))
-    host = opts.get("--host", "127.0.0.1")
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, int(opts.get("--port", "0"))))
-    sock.listen(int(opts.get("--backlog", "128")))
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    _signal.set_wakeup_fd(w)
-    for signum in HANDLED:
-        signal.signal(signum, lambda signum, frame: None)
+    sock, r = listening(opts)
     warm(sock.family)  # the child's path, as in needsfloor.py
     os.write(1, b"%d\n" % sock.getsockname()[1])
     gc.freeze()
