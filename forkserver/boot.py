@@ -22,6 +22,7 @@ from . import log
 from .errors import ConfigError
 from .handover import BOOT_ENV, stash, unstash
 from .listeners import Listener
+from .parent import pidfds
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -65,6 +66,9 @@ def exec_lean_parent(
         "ready_fd": (handover or {}).get("ready_fd", -1),
     }
     os.environ[BOOT_ENV] = stash(state)
+    # Room for a pidfd per child, made here: limits survive exec, and the lean
+    # parent then need not import resource (parent/pidfds.py says why).
+    pidfds.make_room(settings.max_children)
     # Resolve every symbol of libpython and libc once, in the parent, rather
     # than lazily on first call in each child (each resolution writes the GOT,
     # a page copied per child: ~14 faults per connection, measured).

@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -413,6 +414,21 @@ def test_compare_against_a_baseline_checkout(tmp_path: Path) -> None:
     missing = run_bench("-m", "bench.compare", "--baseline", str(tmp_path / "nowhere"))
     assert missing.returncode != 0
     assert "no forkserver/ there" in missing.stderr
+
+
+@pytest.mark.timeout(60)
+def test_mappings_counts_what_each_module_adds() -> None:
+    result = run_bench("-m", "bench.mappings", "--rounds", "2", "--forks", "50", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    # _heapq, _struct, fcntl and resource: four or five mappings each, those
+    # this Python did not build into its binary.
+    shared = [
+        m for m in ("_heapq", "_struct", "fcntl", "resource") if m not in sys.builtin_module_names
+    ]
+    assert data["mappings"]["with"] - data["mappings"]["without"] >= 4 * len(shared)
+    assert data["cpu_us_per_fork"]["without"] > 0
+    assert data["us_per_mapping"] is not None
 
 
 @pytest.mark.timeout(90)

@@ -1,17 +1,19 @@
 """forkserver/parent/children.py and its neighbours: reaping by pidfd, the pool's
 refill, UDP handed to spares.
 
-An idle parent sleeps after a burst; a child killed while another exits is
-reaped with it; past 256 children the pidfds move above 1024 and
-connections keep numbers select() accepts; children adopted across a reload are reaped; a threaded
-Server's children keep their statuses, and so do the processes a program
-embedding a Server starts itself; an empty datagram to a spare leaves the
-UDP listener alone.
+The default parent maps no library it does not use, and has its open-files
+limit raised for the pidfds; an idle parent sleeps after a burst; a child
+killed while another exits is reaped with it; past 256 children the pidfds
+move above 1024 and connections keep numbers select() accepts; children
+adopted across a reload are reaped; a threaded Server's children keep their
+statuses, and so do the processes a program embedding a Server starts
+itself; an empty datagram to a spare leaves the UDP listener alone.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import resource
 import signal
 import socket
@@ -63,6 +65,33 @@ def _pidfds(pid: int) -> list[int]:
         except OSError:
             continue  # closed meanwhile
     return fds
+
+
+@pytest.mark.timeout(60)
+def test_the_default_parent_maps_no_library_for_what_it_does_not_use(
+    start_server: StartServer,
+) -> None:
+    """Every mapping of the parent is copied at each fork (five per shared
+    library: ~10 us per connection, bench/mappings.py), so the default path
+    loads no extension module it does not use: no heapq (loop.py keeps its
+    own heap), no struct (the spares' wire format), no fcntl (until a pidfd
+    must move), no resource (the limit is raised before the lean re-exec)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 1024 + 1024 + 64  # pidfds.FLOOR, the default max_children, pidfds.RESERVE
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip("the hard RLIMIT_NOFILE leaves no room above 1024 for the pidfds")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # a common default
+    try:
+        server = start_server(config())
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert echo_roundtrip(server.tcp_address, b"mapped\n") == b"mapped\n"
+    maps = Path(f"/proc/{server.pid}/maps").read_text()
+    for library in ("_heapq", "_struct", "fcntl", "resource"):
+        assert f"/{library}.cpython" not in maps, f"the parent loaded {library}"
+    limits = Path(f"/proc/{server.pid}/limits").read_text()
+    files = re.search(r"^Max open files\s+(\d+)", limits, re.M)
+    assert files is not None and int(files.group(1)) >= need, limits
 
 
 @pytest.mark.timeout(60)

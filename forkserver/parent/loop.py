@@ -7,17 +7,24 @@ on what kind of fd it is.  Every timer (a paused listener's resume, a stop's
 TERM and KILL deadlines, a child's max_lifetime, a PROXY header's deadline)
 is an entry on one heap; while the heap is empty, as on the default path,
 the loop sleeps in ``epoll_wait`` without a timeout and reads no clock.
+
+The heap is kept by two short functions rather than heapq, whose C half is a
+shared library: its five mappings would be copied by every fork and torn
+down by every child's exit (~2 us each, so ~10 us per connection, measured:
+``python -m bench.mappings``), and importing it with the first timer could
+fail just when one is needed, out of descriptors (EMFILE: accept's backoff).
 """
 
 from __future__ import annotations
 
-import heapq
 import select
 import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    Entry = tuple[float, int, "Timer"]  # (when, sequence number, timer)
 
 __all__ = ["Loop", "Timer"]
 
@@ -48,7 +55,7 @@ class Loop:
         self.register = self._epoll.register
         self.unregister = self._epoll.unregister
         self.callbacks = self._callbacks
-        self._timers: list[tuple[float, int, Timer]] = []
+        self._timers: list[Entry] = []
         self._seq = 0  # ties on the heap break by order of scheduling
         self._cancelled = 0
         self.running = False
@@ -78,7 +85,7 @@ class Loop:
         """Run *callback* once ``time.monotonic()`` reaches *when*."""
         timer = Timer(when, callback)
         self._seq += 1
-        heapq.heappush(self._timers, (when, self._seq, timer))
+        heap_push(self._timers, (when, self._seq, timer))
         return timer
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
@@ -94,7 +101,7 @@ class Loop:
         if self._cancelled > 64 and self._cancelled * 2 > len(self._timers):
             # In place: run() holds a reference to this list.
             self._timers[:] = [entry for entry in self._timers if entry[2].callback is not None]
-            heapq.heapify(self._timers)
+            self._timers.sort()  # a sorted list is a heap
             self._cancelled = 0
 
     def run(self) -> None:
@@ -126,7 +133,7 @@ class Loop:
         """Run the timers that are due, and drop cancelled ones from the top."""
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
-            _, _, timer = heapq.heappop(self._timers)
+            _, _, timer = heap_pop(self._timers)
             callback = timer.callback
             if callback is None:
                 self._cancelled = max(0, self._cancelled - 1)
@@ -134,7 +141,7 @@ class Loop:
             timer.callback = None
             callback()
         while self._timers and self._timers[0][2].callback is None:  # cancelled
-            heapq.heappop(self._timers)
+            heap_pop(self._timers)
             self._cancelled = max(0, self._cancelled - 1)
 
     def stop(self) -> None:
@@ -147,3 +154,34 @@ class Loop:
             self._epoll.close()
         except OSError:
             pass  # already closed
+
+
+def heap_push(heap: list[Entry], entry: Entry) -> None:
+    """Add *entry* to *heap* (heapq.heappush: see the module docstring)."""
+    heap.append(entry)
+    at = len(heap) - 1
+    while at:
+        parent = (at - 1) >> 1
+        if not entry < heap[parent]:
+            break
+        heap[at] = heap[parent]  # move the later parent down
+        at = parent
+    heap[at] = entry
+
+
+def heap_pop(heap: list[Entry]) -> Entry:
+    """Remove and return the smallest entry of non-empty *heap* (heapq.heappop)."""
+    last = heap.pop()
+    if not heap:
+        return last
+    top = heap[0]
+    end, at = len(heap), 0
+    while (child := 2 * at + 1) < end:  # sift *last* down from the root
+        if child + 1 < end and heap[child + 1] < heap[child]:
+            child += 1
+        if not heap[child] < last:
+            break
+        heap[at] = heap[child]
+        at = child
+    heap[at] = last
+    return top

@@ -27,7 +27,6 @@ from .fork import Forker
 from .loop import Loop
 from .reload import Reloader
 from .signals import HANDLED_SIGNALS, SIGNALS, SignalPipe
-from .spares import Spares
 from .stop import Stopper
 
 TYPE_CHECKING = False
@@ -41,6 +40,7 @@ if TYPE_CHECKING:
     from ..service import Service
     from .children import Child
     from .scrape import Scraper
+    from .spares import Spares
 
 __all__ = ["Parent"]
 
@@ -75,6 +75,10 @@ class Parent:
         )
         self.spares: Spares | None = None
         if settings.spare_children > 0:
+            # Imported only here: the spares' wire format needs struct, a
+            # shared library whose mappings every fork would copy (loop.py).
+            from .spares import Spares
+
             spares = Spares(settings, loop, self.children, forker, run, on_error, limits)
             spares.may_watch = lambda: acceptor.listening and acceptor.can_accept()
             spares.watch = acceptor.watch_direct

@@ -12,12 +12,18 @@ one cost 8 copy-on-write faults per connection in the parent (an fcntl, a
 close, and an int object per fd number, which Python caches only below 256:
 67.5 against 75.4 faults, 3 x 1,000 one-client connections,
 /proc/PID/stat) and a larger descriptor table to copy at each fork.
+
+Neither fcntl nor resource is imported on the default path: each is a shared
+library, whose five mappings every fork copies and every child's exit tears
+down (~2 us per mapping and connection, measured: ``python -m
+bench.mappings``).  The lean parent finds the limit raised already (boot.py
+raises it before the re-exec: limits survive exec) and reads it with
+os.sysconf; fcntl comes with the first pidfd that has to move.
 """
 
 from __future__ import annotations
 
 import os
-from fcntl import F_DUPFD_CLOEXEC, fcntl
 
 __all__ = ["FLOOR", "LOW", "higher", "make_room"]
 
@@ -31,9 +37,12 @@ def make_room(max_children: int) -> int:
     """Raise the soft RLIMIT_NOFILE to fit *max_children* pidfds above FLOOR;
     returns the floor to move them to (0 when the hard limit leaves no room:
     then they stay where they are)."""
+    need = FLOOR + max_children + RESERVE
+    room = os.sysconf("SC_OPEN_MAX")  # the soft limit; -1: unlimited
+    if room < 0 or room >= need:
+        return FLOOR
     import resource
 
-    need = FLOOR + max_children + RESERVE
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < need:
         raised = need if hard == resource.RLIM_INFINITY else min(need, hard)
@@ -48,8 +57,10 @@ def higher(pidfd: int, floor: int) -> int:
     if pidfd >= floor:
         return pidfd
     try:
+        from fcntl import F_DUPFD_CLOEXEC, fcntl  # past ~250 children only: see above
+
         high = fcntl(pidfd, F_DUPFD_CLOEXEC, floor)
-    except OSError:
+    except (ImportError, OSError):  # ImportError: out of fds to load fcntl
         return pidfd  # no room up there: a low number will do
     os.close(pidfd)
     return high
