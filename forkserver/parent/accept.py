@@ -17,8 +17,8 @@ is tried for as long, and connections meanwhile wait or are refused at once.
 from __future__ import annotations
 
 import os
-import time
 from collections import deque
+from time import monotonic
 
 from .. import log
 from ..child.start import become
@@ -145,7 +145,9 @@ class Acceptor:
     def _plain(self, listener: Listener) -> Callable[[int], None]:
         """The default path's callback for *listener*: accept, fork, close."""
         accept = listener.sock._accept  # type: ignore[attr-defined]
-        family, service = listener.family, listener.service  # its own handler, or TLS
+        # A plain int, not the AddressFamily member: one object less touched
+        # (so copied) per connection, in the parent and in the child.
+        family, service = int(listener.family), listener.service  # its own handler, or TLS
         live = self._children.by_pid  # len() of the dict: no Python call (children.py)
 
         def on_readable(_: int) -> None:
@@ -230,7 +232,7 @@ class Acceptor:
 
     def _spawn(self, fd: int, family: int, peer: Any, service: Service | None) -> bool:
         """Fork a child for *fd*; False if fork() failed (now, or within the backoff)."""
-        if self._fork_retry_at and time.monotonic() < self._fork_retry_at:
+        if self._fork_retry_at and monotonic() < self._fork_retry_at:
             return False  # fork() failed a moment ago; one attribute on the default path
         closes = self._forker.closes()
         try:
@@ -239,7 +241,7 @@ class Acceptor:
             # "refuse": each connection until the retry is refused at once (one
             # per backoff left a flood waiting: 33 took 3.2 s); "wait": the
             # listeners pause, the backlog and the queue hold them.
-            self._fork_retry_at = time.monotonic() + BACKOFF_SECONDS
+            self._fork_retry_at = monotonic() + BACKOFF_SECONDS
             held = "refusing" if self._refuse_when_full else "holding"
             self.fork_failed(exc, f"{held} connections for {BACKOFF_SECONDS:g}s")
             if not self._refuse_when_full:
@@ -255,7 +257,7 @@ class Acceptor:
         # close() only drops a reference: if the parent kept its copy, the
         # client would never see EOF when the child is done.
         os.close(fd)
-        child = self._children.add(pid, family, peer, time.monotonic())
+        child = self._children.add(pid, family, peer, monotonic())
         if self.per_child_work:
             self.serving_starts(child)
             self._admission.opened(child.source)

@@ -33,8 +33,8 @@ from select import EPOLLIN
 
 from .. import log
 from ..addresses import format_address
-from . import pidfds
 from .accounting import Costs, Deaths, describe_status
+from .pidfds import LOW, higher
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -148,8 +148,8 @@ class ChildTable:
         except OSError as exc:
             self._poll(pid, None, exc)
             return child
-        if pidfd >= pidfds.LOW:
-            pidfd = pidfds.higher(pidfd, self.fd_floor)
+        if pidfd >= LOW:
+            pidfd = higher(pidfd, self.fd_floor)
         child.pidfd = pidfd
         self._by_pidfd[pidfd] = child
         self._register(pidfd, EPOLLIN)  # Loop.add_reader(), inline
@@ -163,8 +163,8 @@ class ChildTable:
         except OSError as exc:
             self._poll(pid, on_exit, exc)
             return
-        if pidfd >= pidfds.LOW:
-            pidfd = pidfds.higher(pidfd, self.fd_floor)
+        if pidfd >= LOW:
+            pidfd = higher(pidfd, self.fd_floor)
         self._watched[pidfd] = (pid, on_exit)
         self._loop.add_reader(pidfd, self._reap_watched)
 

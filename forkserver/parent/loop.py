@@ -123,9 +123,10 @@ class Loop:
             else:
                 timeout = -1.0  # the common case: sleep until an fd is ready
             for fd, _ in poll(timeout):
-                callback = callbacks.get(fd)
-                if callback is not None:  # None: removed by an earlier callback of this batch
-                    callback(fd)
+                # "in" and [], not .get(): the method object is one more
+                # page touched (so copied) per event after each fork.
+                if fd in callbacks:  # not: removed by an earlier callback of this batch
+                    callbacks[fd](fd)
             if self.after_batch is not None:
                 self.after_batch()
 
