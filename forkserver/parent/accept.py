@@ -145,8 +145,7 @@ class Acceptor:
     def _plain(self, listener: Listener) -> Callable[[int], None]:
         """The default path's callback for *listener*: accept, fork, close."""
         accept = listener.sock._accept  # type: ignore[attr-defined]
-        # A plain int, not the AddressFamily member: one object less touched
-        # (so copied) per connection, in the parent and in the child.
+        # int(): the AddressFamily member was one more page copied per connection.
         family, service = int(listener.family), listener.service  # its own handler, or TLS
         live = self._children.by_pid  # len() of the dict: no Python call (children.py)
 
