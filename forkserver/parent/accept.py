@@ -1,11 +1,10 @@
 """Accepting: accept() or recvfrom(), admit or refuse, fork, and queue at the limit.
 
 A listener's callback accepts one connection per readiness event (epoll is
-level-triggered, so a listener with more waiting is reported again at once,
-and the loop never ends in EAGAIN: an exception in every wakeup costs more
-than an epoll call, and touches pages that each fork then copies).  The
-default path (no admission rules, no PROXY protocol, no spares) is: accept,
-fork, close the parent's copy, watch the child.
+level-triggered, so a listener with more waiting is reported again at once;
+ending in EAGAIN would cost an exception per wakeup, pages each fork copies).
+The default path (no admission rules, no PROXY protocol, no spares) is:
+accept, fork, close the parent's copy, watch the child.
 
 At max_children the listeners leave the loop (the kernel's backlog holds
 the clients) until a child exits, or, with ``when_full = "refuse"``, each
