@@ -144,9 +144,10 @@ def wait_and_serve(
     PROXY protocol) names it by index into *services*, plus one.  *direct*:
     the listeners the spare accepts from itself, with that index."""
     # Copy the pages the connection path writes now, before a client waits;
-    # best effort: a sandbox may forbid the socketpair it needs.
+    # best effort: a sandbox may forbid the socketpair it needs.  One round:
+    # the parent's warm-up has quickened the path already.
     try:
-        warm_up([listener.family for listener in direct], ())
+        warm_up([listener.family for listener in direct], (), rounds=1)
     except OSError:
         pass
     got = take_connection(handoff_fd, busy_fd, direct, message_size(services))

@@ -50,13 +50,13 @@ def _nothing(*args: Any) -> None:
     pass
 
 
-def warm_up(families: Iterable[int], handlers: Iterable[Any]) -> None:
-    """Run the connection path for each address family; look up each
-    handler class's attributes."""
+def warm_up(families: Iterable[int], handlers: Iterable[Any], rounds: int = ROUNDS) -> None:
+    """Run the connection path *rounds* times for each address family; look
+    up each handler class's attributes."""
     a, b = socket.socketpair()
     with a, b:
         for family in set(families):
-            for _ in range(ROUNDS):
+            for _ in range(rounds):
                 serve(os.dup(a.fileno()), family, None, _nothing, _nothing)
                 if title.set_title is not None:
                     title.child(family, PEERS.get(family, ""))
