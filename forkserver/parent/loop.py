@@ -125,7 +125,7 @@ class Loop:
             for fd, _ in poll(timeout):
                 # "in" and [], not .get(): the method object is one more
                 # page touched (so copied) per event after each fork.
-                if fd in callbacks:  # not: removed by an earlier callback of this batch
+                if fd in callbacks:  # else removed by an earlier callback of this batch
                     callbacks[fd](fd)
             if self.after_batch is not None:
                 self.after_batch()
