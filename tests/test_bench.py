@@ -418,7 +418,7 @@ def test_compare_against_a_baseline_checkout(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_mappings_counts_what_each_module_adds() -> None:
-    result = run_bench("-m", "bench.mappings", "--rounds", "2", "--forks", "50", "--json")
+    result = run_bench("-m", "bench.mappings", "--rounds", "2", "--forks", "500", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     # _heapq, _struct, fcntl and resource: four or five mappings each, those

@@ -1,11 +1,12 @@
 """forkserver/parent/children.py and its neighbours: reaping by pidfd, the pool's
 refill, UDP handed to spares.
 
-The default parent maps no library it does not use, and has its open-files
-limit raised for the pidfds; an idle parent sleeps after a burst; a child
-killed while another exits is reaped with it; past 256 children the pidfds
-move above 1024 and connections keep numbers select() accepts; children
-adopted across a reload are reaped; a threaded Server's children keep their
+The default parent maps no library it does not use (with the access log,
+resource from the start), and has its open-files limit raised for the
+pidfds; an idle parent sleeps after a burst; a child killed while another
+exits is reaped with it; past 256 children the pidfds move above 1024 and
+connections keep numbers select() accepts; children adopted across a
+reload are reaped; a threaded Server's children keep their
 statuses, and so do the processes a program embedding a Server starts
 itself; an empty datagram to a spare leaves the UDP listener alone.
 """
@@ -92,6 +93,18 @@ def test_the_default_parent_maps_no_library_for_what_it_does_not_use(
     limits = Path(f"/proc/{server.pid}/limits").read_text()
     files = re.search(r"^Max open files\s+(\d+)", limits, re.M)
     assert files is not None and int(files.group(1)) >= need, limits
+
+
+@pytest.mark.timeout(60)
+def test_with_the_access_log_the_parent_has_resource_before_the_first_reap(
+    start_server: StartServer,
+) -> None:
+    """The reap is then os.wait4, which imports resource at its first call,
+    after reaping: out of descriptors by then, the import would fail and
+    the child's status be lost.  So the parent imports it as it starts."""
+    server = start_server(config(access_log=True))
+    maps = Path(f"/proc/{server.pid}/maps").read_text()
+    assert "/resource.cpython" in maps or "resource" in sys.builtin_module_names
 
 
 @pytest.mark.timeout(60)

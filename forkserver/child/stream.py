@@ -100,7 +100,7 @@ def served(
     (TCP_INFO) are known only here.  CPU and peak RSS are its own so far,
     and its waited-for children's: what the parent's wait4 will say, but
     for the few system calls left before the exit."""
-    import resource  # imported by the parent already (parent.py): free here
+    import resource  # imported by the parent already (ChildTable.keep_usage): free here
 
     mine = resource.getrusage(resource.RUSAGE_SELF)
     theirs = resource.getrusage(resource.RUSAGE_CHILDREN)

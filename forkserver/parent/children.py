@@ -134,6 +134,10 @@ class ChildTable:
         object wait4 builds cost the parent 12 more copy-on-write faults per
         connection than waitpid (103 against 91, 3 s of one-client echo
         churn, Python 3.11: bench/accounting.py)."""
+        # os.wait4 imports resource (for its struct_rusage) at its first call,
+        # after reaping: out of descriptors then, the status would be lost.
+        import resource  # noqa: F401
+
         self._wait_exited = _wait4_exited
 
     def get(self, pid: int) -> Child | None:

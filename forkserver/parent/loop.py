@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     Entry = tuple[float, int, "Timer"]  # (when, sequence number, timer)
 
-__all__ = ["Loop", "Timer"]
+__all__ = ["Loop", "Timer", "heap_pop", "heap_push"]
 
 
 class Timer:

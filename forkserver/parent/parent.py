@@ -194,7 +194,7 @@ class Parent:
                     acceptor.serving_starts(child)
                     self.admission.opened(child.source)
             self.adopted = []
-            acceptor.resume()
+            # Before the first fork, the first spares' included.
             warm_up([lis.family for lis in listeners], handlers)
             # Everything imported so far is shared with every child; keep the
             # collector from touching (and so copying) those pages after fork.
@@ -204,6 +204,7 @@ class Parent:
             # flushed again by every child from its copy of the buffer.
             sys.stdout.flush()
             sys.stderr.flush()
+            acceptor.resume()
             if self.settings.pidfile:  # before anything says we are ready
                 pidfile.write(self.settings.pidfile)
             self._say_ready(listeners, handler_name)

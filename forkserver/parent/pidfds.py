@@ -18,7 +18,9 @@ library, whose five mappings every fork copies and every child's exit tears
 down (~2 us per mapping and connection, measured: ``python -m
 bench.mappings``).  The lean parent finds the limit raised already (boot.py
 raises it before the re-exec: limits survive exec) and reads it with
-os.sysconf; fcntl comes with the first pidfd that has to move.
+os.sysconf; only a hard limit too low for max_children makes it import
+resource, to find that out.  fcntl comes with the first pidfd that has to
+move.
 """
 
 from __future__ import annotations
