@@ -194,7 +194,7 @@ class Parent:
                     acceptor.serving_starts(child)
                     self.admission.opened(child.source)
             self.adopted = []
-            # Before the first fork, the first spares' included.
+            # Warm before any fork, the first spares' (acceptor.resume) included.
             warm_up([lis.family for lis in listeners], handlers)
             # Everything imported so far is shared with every child; keep the
             # collector from touching (and so copying) those pages after fork.
